@@ -1,0 +1,355 @@
+"""The one configuration schema: YAML values, dotted ``key=value`` overrides, strict validation.
+
+Every run is described by a :class:`Config`. Unknown keys are errors that suggest the nearest
+valid name, values are type-checked and range-checked, and the resolved config is written next
+to the results so a run can always be reproduced from its output directory.
+
+Components never see this object: :mod:`distill.train` turns it into plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from distill.errors import ConfigError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class TeacherConfig:
+    model: Optional[str] = None  # local path or hub id; required when loss.kd_weight > 0
+    revision: Optional[str] = None
+    dtype: Dtype = "auto"  # "auto": the student's compute dtype (bf16 under precision=bf16)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[str] = None  # pretrained student: local path or hub id
+    config: Optional[dict] = None  # or an architecture: {model_type: llama, hidden_size: 64, ...}
+    init_from_teacher_layers: Optional[list[int]] = None  # or copy these teacher layers (DistilBERT-style)
+    tokenizer: Optional[str] = None  # default: student.model, else teacher.model
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # local .jsonl/.json/.parquet/.txt (file, directory or glob) or hub dataset id
+    eval: Optional[str] = None
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    max_length: int = 512
+    packing: bool = True  # text only: concatenate documents with EOS and cut fixed-length blocks
+    train_split: str = "train"  # hub datasets only
+    eval_split: str = "validation"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass
+class LossConfig:
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+    beta: Optional[float] = None  # jsd only, 0 < beta < 1 (default 0.5)
+    alpha: Optional[float] = None  # skew_kl / skew_reverse_kl only, 0 <= alpha < 1 (default 0.1)
+    temperature: float = 1.0
+    scale_by_tau2: bool = True
+    kd_weight: float = 1.0  # 0: plain supervised training, no teacher
+    ce_weight: float = 0.0
+    chunk_size: int = 1024  # tokens per chunk of the fused LM-head loss; 0 = dense logits
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/distill"
+    max_steps: Optional[int] = None  # optimizer steps; if unset, `epochs` decides
+    epochs: float = 1.0
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum_steps: int = 1
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor as a fraction of lr
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_at_start: bool = False  # also evaluate the untrained student (step 0)
+    eval_batch_size: Optional[int] = None
+    save_every: int = 0  # steps; 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tracker: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def load_config(source: Union[str, os.PathLike, dict, Config, None] = None,
+                overrides: Optional[list[str]] = None) -> Config:
+    """Build a validated :class:`Config` from a YAML path, a dict or a Config, plus overrides.
+
+    ``overrides`` are ``"dotted.key=value"`` strings; values are parsed as YAML scalars
+    (``train.lr=3e-4``, ``student.init_from_teacher_layers=[0,2]``, ``teacher.model=null``).
+    Relative paths in a YAML file are resolved against the file's folder.
+    """
+    base_dir = None
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, Config):
+        raw = source.to_dict()
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        base_dir = path.resolve().parent
+    raw = _deep_copy(raw)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    config = _build(Config, raw, "")
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: Union[str, os.PathLike]) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def validate(c: Config) -> None:
+    """Range and consistency checks beyond types. Raises ConfigError with one clear line."""
+    from distill.losses import DIVERGENCES, divergence_params
+
+    loss = c.loss
+    if loss.divergence not in DIVERGENCES:
+        raise ConfigError(f"loss.divergence: unknown divergence {loss.divergence!r}"
+                          f"{_suggest(loss.divergence, DIVERGENCES)}; valid: {', '.join(sorted(DIVERGENCES))}")
+    accepted = divergence_params(loss.divergence)
+    for name in ("beta", "alpha"):
+        if getattr(loss, name) is not None and name not in accepted:
+            users = sorted(d for d in DIVERGENCES if name in divergence_params(d))
+            raise ConfigError(f"loss.{name} applies only to {', '.join(users)}, not to {loss.divergence}")
+    if loss.beta is not None and not 0.0 < loss.beta < 1.0:
+        raise ConfigError(f"loss.beta must be in (0, 1) for jsd, got {loss.beta}; for beta=0 or 1 use "
+                          "divergence forward_kl or reverse_kl")
+    if loss.alpha is not None and not 0.0 <= loss.alpha < 1.0:
+        raise ConfigError(f"loss.alpha must be in [0, 1), got {loss.alpha}")
+    _check(loss.temperature > 0, "loss.temperature must be > 0")
+    _check(loss.kd_weight >= 0 and loss.ce_weight >= 0, "loss.kd_weight and loss.ce_weight must be >= 0")
+    _check(loss.kd_weight + loss.ce_weight > 0, "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
+    _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
+
+    if loss.kd_weight > 0 and not c.teacher.model:
+        raise ConfigError("teacher.model is required when loss.kd_weight > 0 (set loss.kd_weight=0 for "
+                          "supervised training without a teacher)")
+    s = c.student
+    given = [n for n in ("model", "config", "init_from_teacher_layers") if getattr(s, n) is not None]
+    if len(given) != 1:
+        raise ConfigError("student: give exactly one of student.model (pretrained), student.config "
+                          f"(architecture) or student.init_from_teacher_layers; got {given or 'none'}")
+    if s.init_from_teacher_layers is not None:
+        _check(bool(s.init_from_teacher_layers) and min(s.init_from_teacher_layers) >= 0,
+               "student.init_from_teacher_layers must be a non-empty list of teacher layer indices")
+        _check(bool(c.teacher.model), "student.init_from_teacher_layers needs teacher.model")
+    if s.config is not None and "model_type" not in s.config:
+        raise ConfigError("student.config needs a model_type (e.g. llama)")
+    if not (s.tokenizer or s.model or c.teacher.model):
+        raise ConfigError("no tokenizer: set student.tokenizer, student.model or teacher.model")
+
+    d = c.data
+    _check(bool(d.train), "data.train is required (a local file or a hub dataset id)")
+    _check(d.max_length >= 2, "data.max_length must be >= 2")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = getattr(d, name)
+        _check(value is None or value > 0, f"data.{name} must be > 0")
+
+    t = c.train
+    _check(t.max_steps is None or t.max_steps > 0, "train.max_steps must be > 0")
+    _check(t.epochs > 0, "train.epochs must be > 0")
+    _check(t.batch_size > 0 and t.grad_accum_steps > 0, "train.batch_size and train.grad_accum_steps must be > 0")
+    _check(t.lr > 0, "train.lr must be > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+           "train.adam_betas must be two numbers in [0, 1)")
+    _check(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    _check(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+    for name in ("eval_every", "save_every"):
+        _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
+    _check(t.log_every > 0 and t.keep_checkpoints > 0, "train.log_every and train.keep_checkpoints must be > 0")
+    _check(t.eval_batch_size is None or t.eval_batch_size > 0, "train.eval_batch_size must be > 0")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _build(cls, raw: Any, where: str):
+    """Turn nested dicts into the dataclass ``cls``, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_show(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {path!r}{_suggest(str(key), fields, prefix=where)}")
+        values[key] = _coerce(hints[key], value, path)
+    return cls(**values)
+
+
+def _coerce(tp, value, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if value is None:
+        raise ConfigError(f"{path}: a value is required, got null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {_show(value)}"
+                              f"{_suggest(str(value), [str(a) for a in args], prefix=None)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a bug in the schema, not user input
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            if i == 0:  # a section replaced by a scalar: let _build report it with its name
+                break
+            node[part] = child = {}
+        node = child
+    else:
+        node[parts[-1]] = value
+        return
+    raise ConfigError(f"override {item!r}: {parts[0]!r} is not a section")
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    """Make relative local paths in a YAML file relative to that file, when they exist there."""
+    def fix(value: Optional[str]) -> Optional[str]:
+        if value and not os.path.isabs(value) and not os.path.exists(value):
+            candidate = base / value
+            if candidate.exists() or any(candidate.parent.glob(candidate.name)):
+                return str(candidate)
+        return value
+
+    config.teacher.model = fix(config.teacher.model)
+    config.student.model = fix(config.student.model)
+    config.student.tokenizer = fix(config.student.tokenizer)
+    config.data.train = fix(config.data.train)
+    config.data.eval = fix(config.data.eval)
+
+
+def _suggest(word: str, options, prefix: Optional[str] = "") -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    name = f"{prefix}.{match[0]}" if prefix else match[0]
+    return f" (did you mean {name!r}?)"
+
+
+def _show(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _deep_copy(raw):
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

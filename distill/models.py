@@ -1,0 +1,122 @@
+"""Load teacher and student models and their tokenizers.
+
+Models load from local paths or the Hugging Face Hub, from safetensors only, and remote code runs
+only when the caller passes ``trust_remote_code=True``. A student can be pretrained, built from an
+architecture config, or initialized from a subset of the teacher's layers (DistilBERT-style).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from distill.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Matches the layer index in parameter names of the common decoder stacks:
+# model.layers.3. (Llama, Qwen, Mistral), transformer.h.3. (GPT-2), gpt_neox.layers.3., blocks.3.
+_LAYER_KEY = re.compile(r"^(.*?\.(?:layers|h|layer|blocks))\.(\d+)\.(.*)$")
+
+
+def _check_local(name: str, what: str) -> None:
+    """Refuse a path that is clearly local but missing, instead of asking the Hub for it."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep == "\\"
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"{what} not found: {name}")
+
+
+def load_tokenizer(name: str, *, revision: Optional[str] = None, trust_remote_code: bool = False):
+    _check_local(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from {name}: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only used for padding; padded labels are -100
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` from safetensors, with user errors on one line."""
+    _check_local(name, "model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a causal LM from {name} (safetensors only): {_first_line(e)}") from None
+
+
+def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``."""
+    arch = dict(arch)
+    model_type = arch.pop("model_type")
+    arch.setdefault("vocab_size", vocab_size)
+    try:
+        config = AutoConfig.for_model(model_type, **arch)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"student.config: could not build a {model_type} model: {_first_line(e)}") from None
+    return model
+
+
+def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """A student with the teacher's embeddings, final norm and head, and the listed teacher layers.
+
+    Student layer ``i`` is a copy of teacher layer ``layers[i]`` (DistilBERT initializes from every
+    other layer: ``[0, 2, 4, ...]``). The teacher is not modified.
+    """
+    n_teacher = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise UserError(f"student.init_from_teacher_layers: layers {bad} do not exist in a teacher "
+                        f"with {n_teacher} layers")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full)
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    targets = {}  # teacher layer index -> student positions (a layer listed twice fills both)
+    for s, t in enumerate(layers):
+        targets.setdefault(t, []).append(s)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = _LAYER_KEY.match(key)
+        if match is None:  # embeddings, final norm, head
+            state[key] = value.clone()
+            continue
+        prefix, index, rest = match.groups()
+        for s in targets.get(int(index), []):  # teacher layers not listed are dropped
+            state[f"{prefix}.{s}.{rest}"] = value.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(student)]
+    if missing or unexpected:  # a layout this function does not know: fail loudly, never half-copy
+        raise UserError(f"student.init_from_teacher_layers: cannot map the teacher's parameters onto the "
+                        f"student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    student.tie_weights()
+    return student
+
+
+def _tied_keys(model: nn.Module) -> set:
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    if isinstance(keys, dict):
+        keys = list(keys)
+    return set(keys)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,460 @@
+"""`distill train`: one training loop for every kind of token-level distillation, on Accelerate.
+
+Reads top to bottom: build the pieces from the config, resume if the output directory holds a
+checkpoint, then loop: fetch the optimizer step's micro-batches, count their supervised tokens
+across all processes, and divide each micro-batch's loss *sum* by that one global count (the only
+place anything is normalized, see LOSSES.md), step, log, evaluate, checkpoint.
+
+The batch order is a pure function of (seed, epoch, step), so resuming needs only the step count,
+and one process with micro-batch 8 sees exactly the examples that two processes with 4 each see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill.config import Config, load_config, save_config
+from distill.data import collate, load_tokenized
+from distill.errors import UserError
+from distill.losses import (chunked_kd_loss, cross_entropy, check_tokenizers_compatible, forward_kl,
+                            get_divergence, kd_loss, shared_vocab_size, slice_vocab)
+from distill import models
+
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
+                     "keep_checkpoints", "progress", "tracker"}
+# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step.
+KILL_AFTER_STEP = int(os.environ.get("DISTILL_TEST_KILL_AFTER_STEP", "0"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces the loop is built from
+
+
+class Backbone(nn.Module):
+    """Wraps a causal LM so its forward returns final hidden states (the LM head is fused into the
+    chunked loss) or, with ``logits=True``, ordinary logits (the dense path)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, logits: bool = False):
+        if logits:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+
+
+def has_plain_lm_head(model: nn.Module) -> bool:
+    """True if logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or scaling),
+    which the chunked loss assumes."""
+    cfg = model.config
+    scaled = any(getattr(cfg, name, None) not in (None, 1, 1.0)
+                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
+    return not scaled and isinstance(model.get_output_embeddings(), nn.Linear)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup, then cosine / linear decay to ``min_ratio`` or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def batch_indices(step: int, micro: int, *, n: int, batch_size: int, accum: int, world: int, rank: int,
+                  seed: int) -> list[int]:
+    """Dataset indices of micro-batch ``micro`` of optimizer step ``step`` on process ``rank``.
+
+    Each epoch is a seeded permutation cut into global batches of ``batch_size * accum * world``
+    examples (the incomplete last one is dropped); micro-batch m takes the m-th slice of that, and
+    each process its own part of the slice.
+    """
+    global_batch = batch_size * accum * world
+    per_epoch = n // global_batch
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    start = k * global_batch + (micro * world + rank) * batch_size
+    return order[start:start + batch_size].tolist()
+
+
+def fetch(dataset, indices: list[int], pad_token_id: int, device) -> dict:
+    rows = dataset[indices]
+    examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
+    return {k: v.to(device) for k, v in collate(examples, pad_token_id=pad_token_id).items()}
+
+
+@dataclass
+class LossSettings:
+    divergence: str
+    divergence_kwargs: dict
+    temperature: float
+    scale_by_tau2: bool
+    kd_weight: float
+    ce_weight: float
+    chunk_size: int  # 0: dense
+    vocab_size: int
+
+
+def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: dict, s: LossSettings):
+    """LossParts (sums) for one micro-batch; the teacher runs under no_grad."""
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    mask = labels != -100
+    common = dict(divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
+                  kd_weight=s.kd_weight, ce_weight=s.ce_weight, **s.divergence_kwargs)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if s.chunk_size:
+        hidden = student(**inputs)[:, :-1][mask]  # (N, d): supervised positions only
+        head = _unwrap(student).model.get_output_embeddings()
+        teacher_args = {}
+        if teacher is not None:
+            with torch.no_grad():
+                t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
+            t_head = teacher.get_output_embeddings()
+            teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+        return chunked_kd_loss(hidden, head.weight, labels[mask], student_bias=head.bias, vocab_size=s.vocab_size,
+                               chunk_size=s.chunk_size, **teacher_args, **common)
+    logits = slice_vocab(student(**inputs, logits=True)[:, :-1], s.vocab_size)  # (B, T-1, V)
+    t_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = slice_vocab(teacher(**inputs).logits[:, :-1], s.vocab_size)  # (B, T-1, V)
+    return kd_loss(logits, t_logits, labels, **common)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch_size: int, pad_token_id: int,
+             s: LossSettings, accelerator: Accelerator) -> dict:
+    """Student CE / perplexity on held-out data and, with a teacher, fidelity to it: forward KL and
+    the training divergence at temperature 1, and top-1 agreement. Sums are reduced over processes."""
+    student.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    div = get_divergence(s.divergence)
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree
+    head = _unwrap(student).model.get_output_embeddings()
+    t_head = teacher.get_output_embeddings() if teacher is not None else None
+    indices = list(range(rank, len(dataset), world))
+    for start in range(0, len(indices), batch_size):
+        batch = fetch(dataset, indices[start:start + batch_size], pad_token_id, accelerator.device)
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        with accelerator.autocast():
+            hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d)
+            t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask] if teacher is not None else None
+        targets = labels[mask]
+        rows = s.chunk_size or 1024  # bounded memory: never all (N, V) logits at once
+        for lo in range(0, targets.numel(), rows):
+            with accelerator.autocast():
+                logits = slice_vocab(head(hidden[lo:lo + rows]), s.vocab_size).float()  # (n, V)
+            sums[0] += cross_entropy(logits, targets[lo:lo + rows]).double().sum()
+            sums[1] += logits.shape[0]
+            if teacher is not None:
+                with accelerator.autocast():
+                    t_logits = slice_vocab(t_head(t_hidden[lo:lo + rows]), s.vocab_size).float()  # (n, V)
+                sums[2] += forward_kl(logits, t_logits).double().sum()
+                sums[3] += div(logits, t_logits, **s.divergence_kwargs).double().sum()
+                sums[4] += (logits.argmax(-1) == t_logits.argmax(-1)).double().sum()
+    student.train()
+    ce, n, fkl, dv, agree = accelerator.reduce(sums, reduction="sum").tolist()
+    n = max(n, 1.0)
+    result = {"eval/ce": ce / n, "eval/ppl": math.exp(min(ce / n, 50.0)), "eval/tokens": int(n)}
+    if teacher is not None:
+        result.update({"eval/forward_kl": fkl / n, f"eval/{s.divergence}": dv / n, "eval/top1_agreement": agree / n})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and metrics: written to a temporary name and renamed when complete
+
+
+def checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()] if root.is_dir() else []
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int) -> Path:
+    final = out / "checkpoints" / f"step-{state['step']:08d}"
+    tmp = out / "checkpoints" / f".tmp-step-{state['step']:08d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config, overrides: Optional[list[str]] = None) -> dict:
+    """Train a student as ``config`` says (a Config, dict or YAML path) and return the final metrics.
+
+    Re-running on an output directory that holds a checkpoint resumes from it.
+    """
+    config: Config = load_config(config, overrides)
+    t, L = config.train, config.loss
+    out = Path(t.output_dir)
+    accelerator = Accelerator(cpu=not _has_accelerator(),  # on a CPU-only machine: gloo across processes
+                              mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
+                              log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
+    main = accelerator.is_main_process
+    resume_from = checkpoints(out)[-1] if checkpoints(out) else None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            _check_same_run(out / "config.yaml", config)
+        save_config(config, out / "config.yaml")
+    set_seed(t.seed)
+
+    # Tokenizer, teacher, student.
+    compute_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
+    tok_name = config.student.tokenizer or config.student.model or config.teacher.model
+    tokenizer = models.load_tokenizer(tok_name, revision=config.student.revision,
+                                      trust_remote_code=config.student.trust_remote_code)
+    teacher = None
+    if config.teacher.model and (L.kd_weight > 0 or config.student.init_from_teacher_layers):
+        teacher_dtype = compute_dtype if config.teacher.dtype == "auto" else models.DTYPES[config.teacher.dtype]
+        teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype, revision=config.teacher.revision,
+                                        trust_remote_code=config.teacher.trust_remote_code)
+        models.freeze(teacher)
+        if tok_name != config.teacher.model:
+            check_tokenizers_compatible(tokenizer, models.load_tokenizer(
+                config.teacher.model, revision=config.teacher.revision,
+                trust_remote_code=config.teacher.trust_remote_code))
+    if config.student.model:
+        student = models.load_causal_lm(config.student.model, revision=config.student.revision,
+                                        trust_remote_code=config.student.trust_remote_code)
+    elif config.student.config is not None:
+        student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
+    else:
+        student = models.student_from_teacher_layers(teacher, config.student.init_from_teacher_layers).float()
+    if L.kd_weight == 0:
+        teacher = None  # only needed for the layer copy
+    vocab_size = len(tokenizer)
+    widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
+    if min(widths) < vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but a model's vocabulary has only {min(widths)} rows")
+    chunked = L.chunk_size > 0 and all(has_plain_lm_head(m) for m in (student, teacher) if m is not None)
+    settings = LossSettings(
+        divergence=L.divergence,
+        divergence_kwargs={k: v for k, v in (("beta", L.beta), ("alpha", L.alpha)) if v is not None},
+        temperature=L.temperature, scale_by_tau2=L.scale_by_tau2, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
+        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size)
+
+    # Data, tokenized once and cached.
+    d = config.data
+    data_args = dict(tokenizer=tokenizer, format=d.format, max_length=d.max_length, packing=d.packing,
+                     text_field=d.text_field, prompt_field=d.prompt_field, completion_field=d.completion_field,
+                     messages_field=d.messages_field, cache_dir=_data_cache_dir())
+    with accelerator.main_process_first():
+        train_set = load_tokenized(d.train, split=d.train_split, max_examples=d.max_train_examples, **data_args)
+        eval_set = (load_tokenized(d.eval, split=d.eval_split, max_examples=d.max_eval_examples, **data_args)
+                    if d.eval else None)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = t.batch_size * t.grad_accum_steps * world
+    if len(train_set) < global_batch:
+        raise UserError(f"data.train has {len(train_set)} examples after tokenization, fewer than one global batch "
+                        f"({t.batch_size} x {t.grad_accum_steps} accumulation x {world} processes = {global_batch})")
+    steps_per_epoch = len(train_set) // global_batch
+    max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
+
+    # Optimizer and schedule; no weight decay on biases and norms.
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
+        step, warmup=t.warmup_steps, total=max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+    # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
+    model, optimizer = accelerator.prepare(Backbone(student), optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    # Resume.
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0]}  # loss, kd, ce, tokens, steps since last log
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        metrics.truncate_after(state["step"])
+        accelerator.print(f"resuming from {resume_from} (step {state['step']} of {max_steps})")
+    if main and t.tracker != "none":
+        accelerator.init_trackers("distill", config={k: v for k, v in _flat(config.to_dict()).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+
+    # The loop.
+    model.train()
+    progress = tqdm(total=max_steps, initial=state["step"], disable=not (main and t.progress), unit="step",
+                    dynamic_ncols=True)
+    eval_result: dict = {}
+    eval_args = dict(batch_size=t.eval_batch_size or t.batch_size, pad_token_id=tokenizer.pad_token_id,
+                     s=settings, accelerator=accelerator)
+    if eval_set is not None and t.eval_at_start and state["step"] == 0:
+        metrics.write({"step": 0, **evaluate(model, teacher, eval_set, **eval_args)})
+    tic, tokens_seen = time.perf_counter(), 0
+    try:
+        while state["step"] < max_steps:
+            step = state["step"]
+            batches = [fetch(train_set, batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,
+                                                      accum=t.grad_accum_steps, world=world, rank=rank, seed=t.seed),
+                             tokenizer.pad_token_id, accelerator.device)
+                       for m in range(t.grad_accum_steps)]
+            local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+            n_global = accelerator.reduce(local.to(accelerator.device), reduction="sum").item()
+            step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce
+            for m, batch in enumerate(batches):
+                # DDP averages gradients over processes, so multiply by world to divide by n_global once.
+                sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
+                with sync:
+                    with accelerator.autocast():
+                        parts = micro_batch_loss(model, teacher, batch, settings)
+                    accelerator.backward(parts.loss * (world / max(n_global, 1)))
+                step_sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_sums = accelerator.reduce(step_sums, reduction="sum")
+            state["step"] = step = step + 1
+            state["window"] = [w + v for w, v in zip(state["window"], [*step_sums.tolist(), n_global, 1])]
+            tokens_seen += sum(b["attention_mask"].sum().item() for b in batches) * world
+            progress.update(1)
+            if step % t.log_every == 0 or step == max_steps:
+                loss_sum, kd_sum, ce_sum, n_tok, n_steps = state["window"]
+                elapsed = time.perf_counter() - tic
+                record = {"step": step, "loss": loss_sum / max(n_tok, 1), "kd": kd_sum / max(n_tok, 1),
+                          "kd_scaled": kd_sum / max(n_tok, 1) * (L.temperature ** 2 if L.scale_by_tau2 else 1.0),
+                          "ce": ce_sum / max(n_tok, 1), "lr": lr, "grad_norm": float(grad_norm),
+                          "supervised_tokens": int(n_tok), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                metrics.write(record)
+                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                state["window"] = [0.0, 0.0, 0.0, 0.0, 0.0]
+                tic, tokens_seen = time.perf_counter(), 0
+            if eval_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
+                eval_result = evaluate(model, teacher, eval_set, **eval_args)
+                metrics.write({"step": step, **eval_result})
+                accelerator.log(eval_result, step=step)
+                progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in eval_result.items()))
+            if step == KILL_AFTER_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if (t.save_every and step % t.save_every == 0) or step == max_steps:
+                save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+    except KeyboardInterrupt:
+        progress.close()
+        if state["step"] > 0 and not (out / "checkpoints" / f"step-{state['step']:08d}").exists():
+            path = save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+            accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
+        raise
+    progress.close()
+
+    # The student in standard Hugging Face format, written whole or not at all.
+    final = out / "student"
+    if main:
+        tmp = out / ".tmp-student"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"step": state["step"], "output_dir": str(out), "student": str(final), **eval_result}
+
+
+def _check_same_run(saved: Path, config: Config) -> None:
+    if not saved.exists():
+        return
+    old = _flat(load_config(saved).to_dict())
+    new = _flat(config.to_dict())
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and k.split(".")[-1] not in RESUMABLE_CHANGES)
+    if changed:
+        raise UserError(f"{saved.parent} holds a run with a different config ({', '.join(changed[:4])} changed); "
+                        "use a new train.output_dir, or delete that directory to start over")
+
+
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _data_cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "tokenized"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k == "config":
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
