@@ -1,0 +1,54 @@
+"""Distillation losses: pure tensor functions, no config, no models (see LOSSES.md).
+
+- ``divergences``: per-position divergences (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl,
+  tvd), hard-label cross_entropy, and the registry that maps names to them.
+- ``objective``: ``kd_loss``, the weighted sum over supervised positions (sums and a count).
+- ``chunked``: ``chunked_kd_loss``, the same objective fused with the LM head, chunked over tokens.
+- ``vocab``: slicing padded vocabularies, checking that two tokenizers agree.
+"""
+
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices, chunked_kd_loss
+from distill.losses.divergences import (
+    DIVERGENCES,
+    cross_entropy,
+    divergence_params,
+    forward_kl,
+    get_divergence,
+    jsd,
+    register_divergence,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    tvd,
+)
+from distill.losses.objective import LossParts, kd_loss, tau2_scale
+from distill.losses.vocab import (
+    TokenizerMismatchError,
+    check_tokenizers_compatible,
+    shared_vocab_size,
+    slice_vocab,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DIVERGENCES",
+    "LossParts",
+    "TokenizerMismatchError",
+    "check_tokenizers_compatible",
+    "chunk_slices",
+    "chunked_kd_loss",
+    "cross_entropy",
+    "divergence_params",
+    "forward_kl",
+    "get_divergence",
+    "jsd",
+    "kd_loss",
+    "register_divergence",
+    "reverse_kl",
+    "shared_vocab_size",
+    "skew_kl",
+    "skew_reverse_kl",
+    "slice_vocab",
+    "tau2_scale",
+    "tvd",
+]

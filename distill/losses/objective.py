@@ -1,0 +1,93 @@
+"""The distillation objective: a divergence and hard-label CE, summed over supervised positions.
+
+    loss = kd_weight · s(τ) · Σ_t D(p_t, q_t)  +  ce_weight · Σ_t CE(y_t, softmax(z_s,t))
+
+with s(τ) = τ² (Hinton's correction) unless turned off, t over positions whose label is not
+``ignore_index``. Everything returned is a SUM, with the count beside it: the training loop divides
+once by the number of supervised positions in the whole optimizer step (all micro-batches, all
+processes), see LOSSES.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill.losses.divergences import cross_entropy, get_divergence
+
+
+@dataclass
+class LossParts:
+    """Sums over the supervised positions of one batch (never means). All scalars.
+
+    loss: kd_weight · s(τ) · kd + ce_weight · ce, float32; the one that carries the gradient.
+    kd: raw divergence sum (no τ², no weight), float32, detached (for logging).
+    ce: hard-label cross-entropy sum, float32, detached (for logging).
+    num_supervised: number of positions with label != ignore_index, int64.
+    """
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor
+    num_supervised: Tensor
+
+
+def tau2_scale(temperature: float, scale_by_tau2: bool) -> float:
+    """s(τ): τ² when ``scale_by_tau2`` (soft-target gradients shrink as 1/τ²), else 1."""
+    return temperature**2 if scale_by_tau2 else 1.0
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    scale_by_tau2: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    **divergence_kwargs: float,
+) -> LossParts:
+    """Summed distillation objective over the positions where ``labels != ignore_index``.
+
+    ``labels`` are aligned with the logits (for a causal LM the caller has already shifted them);
+    only their mask and, for CE, their values are used. ``teacher_logits`` may be None when
+    ``kd_weight == 0`` (pure supervised training); ``kd`` is then 0. A term whose weight is 0 is
+    still computed for logging when its inputs are there, without a gradient. A batch with no
+    supervised position gives zeros, never NaN.
+
+    Shapes:
+        student_logits: (..., V), any float dtype (math in float32)
+        teacher_logits: (..., V) or None
+        labels: (...), integer
+        returns: LossParts of scalars
+    """
+    divergence_fn = get_divergence(divergence)
+    mask = labels != ignore_index  # (...)
+    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    grad_on = torch.is_grad_enabled()
+
+    # CE first: when it is only logged, its (..., V) temporaries are gone before the divergence's.
+    with torch.set_grad_enabled(grad_on and ce_weight != 0):
+        ce = cross_entropy(student_logits, labels, ignore_index=ignore_index).sum()  # 0 at ignored positions
+
+    if teacher_logits is None:
+        if kd_weight != 0:
+            raise ValueError("teacher_logits is None but kd_weight != 0; pass the teacher's logits or set kd_weight=0")
+        kd = zero
+    else:
+        with torch.set_grad_enabled(grad_on and kd_weight != 0):
+            per_position = divergence_fn(student_logits, teacher_logits, temperature=temperature, **divergence_kwargs)
+            kd = torch.where(mask, per_position, 0.0).sum()
+
+    # Weight-0 terms are left out rather than multiplied by 0, so an inf there cannot make a NaN.
+    loss = zero
+    if kd_weight != 0:
+        loss = loss + kd_weight * tau2_scale(temperature, scale_by_tau2) * kd
+    if ce_weight != 0:
+        loss = loss + ce_weight * ce
+    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), num_supervised=mask.sum())
