@@ -27,7 +27,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 @dataclass
 class TeacherConfig:
-    model: Optional[str] = None  # local path or hub id; required when loss.kd_weight > 0
+    model: Optional[str] = None  # local path or hub id; required when loss.kd_weight > 0 (with 0, only evaluated against)
     revision: Optional[str] = None
     dtype: Dtype = "auto"  # "auto": the student's compute dtype (bf16 under precision=bf16)
     trust_remote_code: bool = False
@@ -67,9 +67,9 @@ class LossConfig:
     alpha: Optional[float] = None  # skew_kl / skew_reverse_kl only, 0 <= alpha < 1 (default 0.1)
     temperature: float = 1.0
     scale_by_tau2: bool = True
-    kd_weight: float = 1.0  # 0: plain supervised training, no teacher
+    kd_weight: float = 1.0  # 0: plain supervised training (no teacher forward in training)
     ce_weight: float = 0.0
-    chunk_size: int = 1024  # tokens per chunk of the fused LM-head loss; 0 = dense logits
+    chunk_size: int = 256  # tokens per chunk of the fused LM-head loss (see BENCHMARKS.md); 0 = dense logits
 
 
 @dataclass

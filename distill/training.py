@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from distill.config import Config, load_config, save_config
 from distill.data import collate, load_tokenized
 from distill.errors import UserError
-from distill.losses import (chunked_kd_loss, cross_entropy, check_tokenizers_compatible, forward_kl,
-                            get_divergence, kd_loss, shared_vocab_size, slice_vocab)
+from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, chunked_kd_loss,
+                            cross_entropy, forward_kl, get_divergence, kd_loss, shared_vocab_size, slice_vocab)
 from distill import models
 
 # Settings that may change between an interrupted run and its resumption.
@@ -165,15 +165,14 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
             hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d)
             t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask] if teacher is not None else None
         targets = labels[mask]
-        rows = s.chunk_size or 1024  # bounded memory: never all (N, V) logits at once
-        for lo in range(0, targets.numel(), rows):
+        for rows in chunk_slices(targets.numel(), s.chunk_size or DEFAULT_CHUNK_SIZE):  # never all (N, V) logits
             with accelerator.autocast():
-                logits = slice_vocab(head(hidden[lo:lo + rows]), s.vocab_size).float()  # (n, V)
-            sums[0] += cross_entropy(logits, targets[lo:lo + rows]).double().sum()
+                logits = slice_vocab(head(hidden[rows]), s.vocab_size).float()  # (n, V)
+            sums[0] += cross_entropy(logits, targets[rows]).double().sum()
             sums[1] += logits.shape[0]
             if teacher is not None:
                 with accelerator.autocast():
-                    t_logits = slice_vocab(t_head(t_hidden[lo:lo + rows]), s.vocab_size).float()  # (n, V)
+                    t_logits = slice_vocab(t_head(t_hidden[rows]), s.vocab_size).float()  # (n, V)
                 sums[2] += forward_kl(logits, t_logits).double().sum()
                 sums[3] += div(logits, t_logits, **s.divergence_kwargs).double().sum()
                 sums[4] += (logits.argmax(-1) == t_logits.argmax(-1)).double().sum()
@@ -270,16 +269,18 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     tok_name = config.student.tokenizer or config.student.model or config.teacher.model
     tokenizer = models.load_tokenizer(tok_name, revision=config.student.revision,
                                       trust_remote_code=config.student.trust_remote_code)
-    teacher = None
-    if config.teacher.model and (L.kd_weight > 0 or config.student.init_from_teacher_layers):
+    teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
+    if config.teacher.model:
         teacher_dtype = compute_dtype if config.teacher.dtype == "auto" else models.DTYPES[config.teacher.dtype]
         teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype, revision=config.teacher.revision,
                                         trust_remote_code=config.teacher.trust_remote_code)
         models.freeze(teacher)
-        if tok_name != config.teacher.model:
-            check_tokenizers_compatible(tokenizer, models.load_tokenizer(
-                config.teacher.model, revision=config.teacher.revision,
-                trust_remote_code=config.teacher.trust_remote_code))
+    vocab_size = len(tokenizer)  # the real vocabulary: padded LM-head rows past it are sliced off
+    if teacher is not None and tok_name != config.teacher.model:
+        teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
+                                                  trust_remote_code=config.teacher.trust_remote_code)
+        check_tokenizers_compatible(tokenizer, teacher_tokenizer)  # refuses, naming cross-tokenizer mode
+        vocab_size = shared_vocab_size(tokenizer, teacher_tokenizer)
     if config.student.model:
         student = models.load_causal_lm(config.student.model, revision=config.student.revision,
                                         trust_remote_code=config.student.trust_remote_code)
@@ -287,9 +288,6 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:
         student = models.student_from_teacher_layers(teacher, config.student.init_from_teacher_layers).float()
-    if L.kd_weight == 0:
-        teacher = None  # only needed for the layer copy
-    vocab_size = len(tokenizer)
     widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
     if min(widths) < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but a model's vocabulary has only {min(widths)} rows")
@@ -370,7 +368,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        parts = micro_batch_loss(model, teacher, batch, settings)
+                        parts = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch, settings)
                     accelerator.backward(parts.loss * (world / max(n_global, 1)))
                 step_sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))

@@ -202,3 +202,16 @@ def test_user_errors_are_one_line_and_exit_2(workspace, tmp_path, case):
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (run / "student").exists()
+
+
+def test_toy_demo_from_the_readme_runs(tmp_path):
+    """The README's first command runs this demo; keep it from rotting."""
+    result = subprocess.run([sys.executable, "-m", "distill.toy", str(tmp_path / "toy"), "--steps", "3",
+                             "--teacher-steps", "3"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "DISTILL_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("model "):]
+    assert [line.split()[0] for line in table.splitlines()[1:4]] == ["teacher", "baseline", "distilled"]
+    for name in ("teacher", "baseline", "distilled"):
+        assert (tmp_path / "toy" / name / "student" / "model.safetensors").is_file()
+    assert list((tmp_path / "toy" / "distilled").rglob("events.out.tfevents*"))  # TensorBoard is the default tracker

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with distill and its test tools.
+#
+# torch: a torch already importable in the venv (e.g. a CUDA build) is kept. Otherwise
+# torch==2.13.0 is installed; set TORCH_INDEX_URL to pick the build, e.g.
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh
+# (Installing distill first with no torch present would pull PyPI's default build: several GB of CUDA.)
+# To use a torch from your system Python instead: VENV_FLAGS=--system-site-packages bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv ${VENV_FLAGS:-} "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q --disable-pip-version-check --upgrade pip
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "$py" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+"$py" -m pip install -q -e ".[dev]"
+"$py" -c "import torch, transformers, distill; print(f'distill {distill.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
