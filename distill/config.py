@@ -31,6 +31,7 @@ class TeacherConfig:
     revision: Optional[str] = None
     dtype: Dtype = "auto"  # "auto": the student's compute dtype (bf16 under precision=bf16)
     trust_remote_code: bool = False
+    source: Literal["live", "cache"] = "live"  # live: the model; cache: cache.dir's targets (no teacher loaded)
 
 
 @dataclass
@@ -70,6 +71,22 @@ class LossConfig:
     kd_weight: float = 1.0  # 0: plain supervised training (no teacher forward in training)
     ce_weight: float = 0.0
     chunk_size: int = 256  # tokens per chunk of the fused LM-head loss (see BENCHMARKS.md); 0 = dense logits
+    sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
+
+
+@dataclass
+class CacheConfig:
+    """`distill cache` writes the teacher's targets here; `teacher.source: cache` trains from them."""
+
+    dir: Optional[str] = None  # the cache folder
+    mode: Literal["topk", "sampled"] = "topk"
+    k: Optional[int] = None  # topk only: ids per position (default 64)
+    samples: Optional[int] = None  # sampled only: draws per position (default 64)
+    temperature: float = 1.0  # the teacher distribution stored (training must use it unless renormalized)
+    logprob_dtype: Optional[Literal["uint8", "uint16", "float32"]] = None  # topk only (default uint8)
+    shard_size: int = 1024  # examples per shard
+    batch_size: int = 8  # examples per teacher forward
+    seed: int = 0  # sampled only
 
 
 @dataclass
@@ -86,6 +103,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
+    schedule_steps: Optional[int] = None  # length of the LR schedule; default: the run's steps (set it to stop early)
     min_lr_ratio: float = 0.0  # cosine/linear decay floor as a fraction of lr
     max_grad_norm: float = 1.0  # 0 disables clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -107,6 +125,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,7 +202,25 @@ def validate(c: Config) -> None:
     _check(loss.kd_weight + loss.ce_weight > 0, "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
     _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
 
-    if loss.kd_weight > 0 and not c.teacher.model:
+    from_cache = c.teacher.source == "cache"
+    if from_cache:
+        _check(bool(c.cache.dir), "teacher.source=cache needs cache.dir (the folder `distill cache` wrote)")
+        _check(loss.divergence == "forward_kl", f"teacher.source=cache: a top-k cache supports divergence "
+                                                f"forward_kl only, got {loss.divergence}")
+    elif loss.sparse_mode is not None:
+        raise ConfigError("loss.sparse_mode applies only to teacher.source=cache")
+    ca = c.cache
+    if ca.mode == "topk":
+        _check(ca.samples is None, "cache.samples applies only to cache.mode=sampled (topk uses cache.k)")
+        _check(ca.k is None or ca.k > 0, "cache.k must be > 0")
+    else:
+        _check(ca.k is None and ca.logprob_dtype is None,
+               "cache.k and cache.logprob_dtype apply only to cache.mode=topk (sampled uses cache.samples)")
+        _check(ca.samples is None or 0 < ca.samples <= 65535, "cache.samples must be in [1, 65535]")
+    _check(ca.temperature > 0, "cache.temperature must be > 0")
+    _check(ca.shard_size > 0 and ca.batch_size > 0, "cache.shard_size and cache.batch_size must be > 0")
+
+    if loss.kd_weight > 0 and not c.teacher.model and not from_cache:
         raise ConfigError("teacher.model is required when loss.kd_weight > 0 (set loss.kd_weight=0 for "
                           "supervised training without a teacher)")
     s = c.student
@@ -216,6 +253,7 @@ def validate(c: Config) -> None:
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
            "train.adam_betas must be two numbers in [0, 1)")
     _check(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    _check(t.schedule_steps is None or t.schedule_steps > 0, "train.schedule_steps must be > 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
     for name in ("eval_every", "save_every"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
@@ -329,6 +367,7 @@ def _resolve_paths(config: Config, base: Path) -> None:
     config.student.tokenizer = fix(config.student.tokenizer)
     config.data.train = fix(config.data.train)
     config.data.eval = fix(config.data.eval)
+    config.cache.dir = fix(config.cache.dir)
 
 
 def _suggest(word: str, options, prefix: Optional[str] = "") -> str:

@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from distill.config import Config, load_config, save_config
 from distill.data import collate, load_tokenized
 from distill.errors import UserError
-from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, chunked_kd_loss,
-                            cross_entropy, forward_kl, get_divergence, kd_loss, shared_vocab_size, slice_vocab)
+from distill.losses import (DEFAULT_CHUNK_SIZE, SparseTargets, check_tokenizers_compatible, chunk_slices,
+                            chunked_kd_loss, cross_entropy, forward_kl, get_divergence, kd_loss, shared_vocab_size,
+                            slice_vocab, sparse_kd_loss)
 from distill import models
 
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
+RESUMABLE_CHANGES = {"max_steps", "schedule_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
                      "keep_checkpoints", "progress", "tracker"}
 # Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step.
 KILL_AFTER_STEP = int(os.environ.get("DISTILL_TEST_KILL_AFTER_STEP", "0"))
@@ -112,10 +113,13 @@ class LossSettings:
     ce_weight: float
     chunk_size: int  # 0: dense
     vocab_size: int
+    sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
 
 
-def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: dict, s: LossSettings):
-    """LossParts (sums) for one micro-batch; the teacher runs under no_grad."""
+def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: dict, s: LossSettings,
+                     targets: Optional[SparseTargets] = None):
+    """LossParts (sums) for one micro-batch; the teacher runs under no_grad. With ``targets`` (a
+    cache's, one row per supervised position in ``mask`` order) there is no teacher model."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != -100
     common = dict(divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
@@ -125,19 +129,25 @@ def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: di
         hidden = student(**inputs)[:, :-1][mask]  # (N, d): supervised positions only
         head = _unwrap(student).model.get_output_embeddings()
         teacher_args = {}
-        if teacher is not None:
+        if targets is not None:
+            teacher_args = dict(teacher_targets=targets, sparse_mode=s.sparse_mode)
+        elif teacher is not None:
             with torch.no_grad():
                 t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
             t_head = teacher.get_output_embeddings()
             teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
         return chunked_kd_loss(hidden, head.weight, labels[mask], student_bias=head.bias, vocab_size=s.vocab_size,
                                chunk_size=s.chunk_size, **teacher_args, **common)
-    logits = slice_vocab(student(**inputs, logits=True)[:, :-1], s.vocab_size)  # (B, T-1, V)
+    # Dense: full logits, but the loss only on the supervised rows (no work on prompts or padding).
+    logits = slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size)  # (N, V)
+    if targets is not None:
+        return sparse_kd_loss(logits, targets, labels[mask], mode=s.sparse_mode, temperature=s.temperature,
+                              scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight)
     t_logits = None
     if teacher is not None:
         with torch.no_grad():
-            t_logits = slice_vocab(teacher(**inputs).logits[:, :-1], s.vocab_size)  # (B, T-1, V)
-    return kd_loss(logits, t_logits, labels, **common)
+            t_logits = slice_vocab(teacher(**inputs).logits[:, :-1][mask], s.vocab_size)  # (N, V)
+    return kd_loss(logits, t_logits, labels[mask], **common)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -265,22 +275,15 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     set_seed(t.seed)
 
     # Tokenizer, teacher, student.
-    compute_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16 if t.precision == "fp16" else torch.float32
-    tok_name = config.student.tokenizer or config.student.model or config.teacher.model
-    tokenizer = models.load_tokenizer(tok_name, revision=config.student.revision,
-                                      trust_remote_code=config.student.trust_remote_code)
+    tok_name, tokenizer = load_run_tokenizer(config)
+    from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
-    if config.teacher.model:
-        teacher_dtype = compute_dtype if config.teacher.dtype == "auto" else models.DTYPES[config.teacher.dtype]
-        teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype, revision=config.teacher.revision,
+    if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
+        teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype(config),
+                                        revision=config.teacher.revision,
                                         trust_remote_code=config.teacher.trust_remote_code)
         models.freeze(teacher)
-    vocab_size = len(tokenizer)  # the real vocabulary: padded LM-head rows past it are sliced off
-    if teacher is not None and tok_name != config.teacher.model:
-        teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
-                                                  trust_remote_code=config.teacher.trust_remote_code)
-        check_tokenizers_compatible(tokenizer, teacher_tokenizer)  # refuses, naming cross-tokenizer mode
-        vocab_size = shared_vocab_size(tokenizer, teacher_tokenizer)
+    vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
     if config.student.model:
         student = models.load_causal_lm(config.student.model, revision=config.student.revision,
                                         trust_remote_code=config.student.trust_remote_code)
@@ -288,6 +291,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:
         student = models.student_from_teacher_layers(teacher, config.student.init_from_teacher_layers).float()
+    if from_cache:
+        teacher = None  # it only gave the student its layers
     widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
     if min(widths) < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but a model's vocabulary has only {min(widths)} rows")
@@ -296,13 +301,11 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         divergence=L.divergence,
         divergence_kwargs={k: v for k, v in (("beta", L.beta), ("alpha", L.alpha)) if v is not None},
         temperature=L.temperature, scale_by_tau2=L.scale_by_tau2, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
-        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size)
+        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, sparse_mode=L.sparse_mode or "tail")
 
     # Data, tokenized once and cached.
     d = config.data
-    data_args = dict(tokenizer=tokenizer, format=d.format, max_length=d.max_length, packing=d.packing,
-                     text_field=d.text_field, prompt_field=d.prompt_field, completion_field=d.completion_field,
-                     messages_field=d.messages_field, cache_dir=_data_cache_dir())
+    data_args = training_data_args(config, tokenizer)
     with accelerator.main_process_first():
         train_set = load_tokenized(d.train, split=d.train_split, max_examples=d.max_train_examples, **data_args)
         eval_set = (load_tokenized(d.eval, split=d.eval_split, max_examples=d.max_eval_examples, **data_args)
@@ -313,6 +316,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         raise UserError(f"data.train has {len(train_set)} examples after tokenization, fewer than one global batch "
                         f"({t.batch_size} x {t.grad_accum_steps} accumulation x {world} processes = {global_batch})")
     steps_per_epoch = len(train_set) // global_batch
+    teacher_cache = open_teacher_cache(config, tokenizer, train_set, vocab_size) if from_cache else None
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
     # Optimizer and schedule; no weight decay on biases and norms.
@@ -324,7 +328,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     else:
         optimizer = torch.optim.SGD(groups, lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
-        step, warmup=t.warmup_steps, total=max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+        step, warmup=t.warmup_steps, total=t.schedule_steps or max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
     # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
     model, optimizer = accelerator.prepare(Backbone(student), optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -356,10 +360,12 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     try:
         while state["step"] < max_steps:
             step = state["step"]
-            batches = [fetch(train_set, batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,
-                                                      accum=t.grad_accum_steps, world=world, rank=rank, seed=t.seed),
-                             tokenizer.pad_token_id, accelerator.device)
-                       for m in range(t.grad_accum_steps)]
+            indices = [batch_indices(step, m, n=len(train_set), batch_size=t.batch_size, accum=t.grad_accum_steps,
+                                     world=world, rank=rank, seed=t.seed) for m in range(t.grad_accum_steps)]
+            batches = [fetch(train_set, i, tokenizer.pad_token_id, accelerator.device) for i in indices]
+            # The cache's targets for exactly these examples, in step with the batches.
+            targets = [teacher_cache.targets(i, accelerator.device) if teacher_cache and L.kd_weight > 0 else None
+                       for i in indices]
             local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
             n_global = accelerator.reduce(local.to(accelerator.device), reduction="sum").item()
             step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce
@@ -368,7 +374,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        parts = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch, settings)
+                        parts = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch, settings,
+                                                 targets[m])
                     accelerator.backward(parts.loss * (world / max(n_global, 1)))
                 step_sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
@@ -423,6 +430,57 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": state["step"], "output_dir": str(out), "student": str(final), **eval_result}
+
+
+def load_run_tokenizer(config: Config):
+    """(name, tokenizer) of the run: student.tokenizer, else student.model, else teacher.model."""
+    name = config.student.tokenizer or config.student.model or config.teacher.model
+    return name, models.load_tokenizer(name, revision=config.student.revision,
+                                       trust_remote_code=config.student.trust_remote_code)
+
+
+def teacher_dtype(config: Config) -> torch.dtype:
+    if config.teacher.dtype != "auto":
+        return models.DTYPES[config.teacher.dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
+
+
+def shared_vocab(config: Config, tok_name: str, tokenizer) -> int:
+    """The real shared vocabulary of the run's tokenizer and the teacher's (refusing mismatched ones)."""
+    if tok_name == config.teacher.model:
+        return len(tokenizer)  # padded LM-head rows past it are sliced off
+    teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
+                                              trust_remote_code=config.teacher.trust_remote_code)
+    check_tokenizers_compatible(tokenizer, teacher_tokenizer)  # refuses, naming cross-tokenizer mode
+    return shared_vocab_size(tokenizer, teacher_tokenizer)
+
+
+def training_data_args(config: Config, tokenizer) -> dict:
+    """``load_tokenized`` arguments: the one definition of how training (and its cache) sees the data."""
+    d = config.data
+    return dict(tokenizer=tokenizer, format=d.format, max_length=d.max_length, packing=d.packing,
+                text_field=d.text_field, prompt_field=d.prompt_field, completion_field=d.completion_field,
+                messages_field=d.messages_field, cache_dir=_data_cache_dir())
+
+
+def open_teacher_cache(config: Config, tokenizer, train_set, vocab_size: int):
+    """The verified cache in cache.dir, refused unless it matches this run's tokenizer, data and loss."""
+    from distill.cache import TeacherCache, data_fingerprint
+    from distill.data import tokenizer_fingerprint
+
+    cache = TeacherCache(config.cache.dir)
+    cache.check(tokenizer_sha256=tokenizer_fingerprint(tokenizer), data_fingerprint=data_fingerprint(train_set),
+                num_examples=len(train_set))
+    L = config.loss
+    if not math.isclose(L.temperature, cache.temperature, rel_tol=1e-6) and (
+            cache.mode == "sampled" or (L.sparse_mode or "tail") == "tail"):
+        fix = ("" if cache.mode == "sampled" else "use loss.sparse_mode=renormalized (the tail cannot be "
+               "re-tempered), or ")
+        raise UserError(f"loss.temperature={L.temperature} differs from the {cache.mode} cache's temperature "
+                        f"{cache.temperature}; {fix}rebuild the cache with cache.temperature={L.temperature}")
+    if cache.vocab_size > vocab_size:
+        raise UserError(f"the teacher cache has a {cache.vocab_size}-token vocabulary, the run {vocab_size}")
+    return cache
 
 
 def _check_same_run(saved: Path, config: Config) -> None:

@@ -22,7 +22,7 @@ def test_every_example_config_validates(path):
     config = load_config(path)
     assert isinstance(config, Config)
     raw = yaml.safe_load(path.read_text())
-    assert set(raw) <= {"teacher", "student", "data", "loss", "train"}
+    assert set(raw) <= {"teacher", "student", "data", "loss", "train", "cache"}
 
 
 def test_defaults_and_overrides():

@@ -4,6 +4,8 @@
   tvd), hard-label cross_entropy, and the registry that maps names to them.
 - ``objective``: ``kd_loss``, the weighted sum over supervised positions (sums and a count).
 - ``chunked``: ``chunked_kd_loss``, the same objective fused with the LM head, chunked over tokens.
+- ``sparse``: forward KL against top-k / sampled teacher targets (``sparse_forward_kl``,
+  ``sparse_kd_loss``, ``SparseTargets``, ``topk_targets``, ``sampled_targets``).
 - ``vocab``: slicing padded vocabularies, checking that two tokenizers agree.
 """
 
@@ -22,6 +24,14 @@ from distill.losses.divergences import (
     tvd,
 )
 from distill.losses.objective import LossParts, kd_loss, tau2_scale
+from distill.losses.sparse import (
+    SPARSE_MODES,
+    SparseTargets,
+    sampled_targets,
+    sparse_forward_kl,
+    sparse_kd_loss,
+    topk_targets,
+)
 from distill.losses.vocab import (
     TokenizerMismatchError,
     check_tokenizers_compatible,
@@ -33,6 +43,8 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
     "LossParts",
+    "SPARSE_MODES",
+    "SparseTargets",
     "TokenizerMismatchError",
     "check_tokenizers_compatible",
     "chunk_slices",
@@ -45,10 +57,14 @@ __all__ = [
     "kd_loss",
     "register_divergence",
     "reverse_kl",
+    "sampled_targets",
     "shared_vocab_size",
     "skew_kl",
     "skew_reverse_kl",
     "slice_vocab",
+    "sparse_forward_kl",
+    "sparse_kd_loss",
     "tau2_scale",
+    "topk_targets",
     "tvd",
 ]

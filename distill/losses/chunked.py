@@ -20,6 +20,7 @@ from torch import Tensor
 
 from distill.losses.divergences import get_divergence
 from distill.losses.objective import LossParts, kd_loss
+from distill.losses.sparse import SparseTargets, sparse_kd_loss
 
 # Rows per chunk, chosen with benchmarks/loss_memory.py (BENCHMARKS.md): on CPU, 256 rows were as
 # fast as or faster than 1024 and than the dense path, at a fraction of the memory. Peak memory
@@ -38,13 +39,15 @@ def chunk_slices(num_rows: int, chunk_size: int) -> list[slice]:
 
 @dataclass
 class _Teacher:
-    """The teacher's targets: precomputed logits, or hidden states and LM head to make them per chunk.
-    Already sliced to the shared vocabulary, detached, and (hidden/head) cast to the matmul dtype."""
+    """The teacher's targets: precomputed logits, hidden states and LM head to make them per chunk,
+    or sparse (top-k / sampled) targets. Already sliced to the shared vocabulary, detached, and
+    (hidden/head) cast to the matmul dtype."""
 
     logits: Tensor | None = None  # (N, V)
     hidden: Tensor | None = None  # (N, d_t)
     weight: Tensor | None = None  # (V, d_t)
     bias: Tensor | None = None  # (V,)
+    sparse: SparseTargets | None = None  # (N, k)
 
     def logits_for(self, rows: slice) -> Tensor | None:
         if self.logits is not None:
@@ -88,7 +91,10 @@ def _chunk_step(
     teacher_logits = teacher.logits_for(rows)  # (C, V) or None
     logits = _linear(chunk_hidden, weight, bias).requires_grad_()  # (C, V), a leaf of its own graph
     with torch.enable_grad():
-        parts = kd_loss(logits, teacher_logits, labels[rows], **loss_kwargs)
+        if teacher.sparse is not None:
+            parts = sparse_kd_loss(logits, teacher.sparse[rows], labels[rows], **loss_kwargs)
+        else:
+            parts = kd_loss(logits, teacher_logits, labels[rows], **loss_kwargs)
     if not parts.loss.requires_grad:  # both weights 0: nothing to differentiate
         return parts
     (grad_logits,) = torch.autograd.grad(parts.loss, logits)  # (C, V)
@@ -155,6 +161,8 @@ def chunked_kd_loss(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    teacher_targets: SparseTargets | None = None,
+    sparse_mode: str = "tail",
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     scale_by_tau2: bool = True,
@@ -170,15 +178,18 @@ def chunked_kd_loss(
     Same values and gradients as building both logits tensors and calling ``kd_loss`` (same
     arguments, same meaning), without holding more than ``chunk_size`` rows of logits. The teacher
     is given either as ``teacher_logits`` or as ``teacher_hidden`` + ``teacher_weight`` (+ bias), or
-    not at all when ``kd_weight == 0``; it never receives gradients. ``vocab_size`` is the real
-    shared vocabulary: columns past it (LM-head padding) are dropped on both sides (default: the
-    narrower of the two heads). Under ``torch.autocast`` the matmuls run in the autocast dtype and
-    the loss math in float32. ``loss`` carries the gradient (``.backward()`` once, like any loss);
+    not at all when ``kd_weight == 0``; it never receives gradients. Or as ``teacher_targets``,
+    sparse top-k / sampled targets aligned with the rows: the divergence is then the sparse forward
+    KL (``divergence`` must be ``forward_kl``) in ``sparse_mode`` (see ``sparse_kd_loss``).
+    ``vocab_size`` is the real shared vocabulary: columns past it (LM-head padding) are dropped on
+    both sides (default: the narrower of the two heads). Under ``torch.autocast`` the matmuls run in
+    the autocast dtype and the loss math in float32. ``loss`` carries the gradient (``.backward()`` once, like any loss);
     ``kd``, ``ce`` and ``num_supervised`` are detached, for logging.
 
     Shapes:
         student_hidden: (N, d_s)          student_weight: (V_s, d_s)    student_bias: (V_s,)
         teacher_logits: (N, V_t)    or    teacher_hidden: (N, d_t), teacher_weight: (V_t, d_t), teacher_bias: (V_t,)
+                                    or    teacher_targets: ids, logprobs (N, k), log_tail (N,)
         labels: (N,), aligned with the rows (a causal LM's caller has already shifted them)
         returns: LossParts of scalars (sums over supervised rows; the caller divides once)
     """
@@ -187,6 +198,10 @@ def chunked_kd_loss(
         raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_weight, not both")
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight go together")
+    if teacher_targets is not None and (teacher_logits is not None or teacher_hidden is not None):
+        raise ValueError("give the teacher as logits, hidden states or sparse targets, not several")
+    if teacher_targets is not None and (divergence != "forward_kl" or divergence_kwargs):
+        raise ValueError(f"sparse teacher targets support divergence 'forward_kl' only, got {divergence!r}")
     num_rows = student_hidden.shape[0]
     if student_hidden.dim() != 2 or labels.shape != (num_rows,):
         raise ValueError(
@@ -219,14 +234,17 @@ def chunked_kd_loss(
             teacher.bias = teacher_bias.detach()[:vocab_size].to(teacher_dtype)  # (V,)
 
     loss_kwargs = dict(
-        divergence=divergence,
         temperature=temperature,
         scale_by_tau2=scale_by_tau2,
         kd_weight=kd_weight,
         ce_weight=ce_weight,
         ignore_index=ignore_index,
-        **divergence_kwargs,
     )
+    if teacher_targets is not None:
+        teacher.sparse = teacher_targets
+        loss_kwargs.update(mode=sparse_mode)
+    else:
+        loss_kwargs.update(divergence=divergence, **divergence_kwargs)
     loss, kd, ce, num_supervised = _ChunkedKD.apply(
         student_hidden, student_weight, student_bias, labels, teacher, vocab_size, matmul_dtype, chunk_size, loss_kwargs
     )
