@@ -23,9 +23,46 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
+    quick = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher and corpus, offline",
+                             description="Train a baseline and a distilled student on the bundled CPython corpus, "
+                                         "evaluate them against the bundled teacher, write quickstart.json and "
+                                         "report.html.")
+    quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+    quick.add_argument("--minutes", type=float, default=5.0,
+                       help="length, as minutes on a 2-core CPU (sets the step count; default 5)")
+    quick.add_argument("--steps", type=int, default=None, help="training steps per student (overrides --minutes)")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--prompts", type=int, default=16, help="eval prompts to complete per model")
+    quick.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on fewer blocks (smoke runs)")
+
+    cache = verbs.add_parser("cache", help="run the teacher once over the training data and store its top-k targets",
+                             description="Write the teacher's top-k (or sampled) targets for the training data "
+                                         "of CONFIG to cache.dir. Re-running continues an interrupted cache.")
+    cache.add_argument("config", help="YAML config file")
+    cache.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
     show = verbs.add_parser("config", help="validate a config and print it resolved, with every default")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    ev = verbs.add_parser("eval", help="compare a teacher and students on data; write eval.json and report.html",
+                          description="Evaluate models (and a teacher, the reference for fidelity metrics) on "
+                                      "SOURCE: likelihood, agreement and KL with the teacher, sampled "
+                                      "completions, speed. Writes eval.json and a self-contained report.html.")
+    ev.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to evaluate (repeat)")
+    ev.add_argument("--teacher", metavar="PATH", help="the teacher: evaluated too, and the reference")
+    ev.add_argument("--data", required=True, metavar="SOURCE", help="text data (a file, folder, glob or hub id)")
+    ev.add_argument("--out", default="distill-eval", metavar="DIR", help="output directory (default: distill-eval)")
+    ev.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="a `distill train` output directory whose loss curves go in the report (repeat)")
+    ev.add_argument("--max-length", type=int, default=256, metavar="N", help="tokens per scored block (256)")
+    ev.add_argument("--max-examples", type=int, default=None, metavar="N", help="use only the first N documents")
+    ev.add_argument("--prompts", type=int, default=16, metavar="N", help="prompts to complete (16; 0: none)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per completion (64)")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="N", help="batch size (8)")
+    ev.add_argument("--seed", type=int, default=0, metavar="N", help="prompt choice and sampling seed (0)")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     return parser
 
 
@@ -42,11 +79,28 @@ def main(argv: list[str] | None = None) -> int:
             from distill.config import load_config
 
             print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+        elif args.verb == "quickstart":
+            from distill.quickstart import quickstart
+
+            if (args.steps is not None and args.steps < 1) or args.minutes <= 0 or args.prompts < 0:
+                raise UserError("--steps and --minutes must be positive, --prompts >= 0")
+            quickstart(args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, prompts=args.prompts,
+                       max_eval_examples=args.max_eval_examples)
         elif args.verb == "train":
             from distill.training import train
 
             result = train(args.config, args.overrides)
             print(_summary(result))
+        elif args.verb == "cache":
+            from distill.cache.writer import cache
+
+            r = cache(args.config, args.overrides)
+            if r["main_process"]:
+                print(f"done: teacher cache in {r['dir']}: {r['shards']} shards ({r['written_now']} written now by "
+                      f"this process), {r['positions']} positions, {r['bytes']} bytes, {r['bytes_per_position']} "
+                      "bytes/position")
+        elif args.verb == "eval":
+            _eval(args)
     except UserError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
@@ -61,6 +115,61 @@ def _summary(result: dict) -> str:
     for key, value in result.items():
         if key.startswith("eval/"):
             lines.append(f"  {key[5:]:<18} {value:.4f}" if isinstance(value, float) else f"  {key[5:]:<18} {value}")
+    return "\n".join(lines)
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    from distill.errors import UserError
+
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"{flag} {value!r}: expected NAME=PATH")
+        if name in pairs:
+            raise UserError(f"{flag} {name!r} is given twice")
+        pairs[name] = path
+    return pairs
+
+
+def _eval(args) -> None:
+    import os
+
+    from distill.errors import UserError
+    from distill.evaluate import evaluate_models
+    from distill.report import read_run_metrics, write_report
+
+    models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
+    if not models:
+        raise UserError("no models to evaluate: give at least one --model NAME=PATH")
+    for name, path in [*models.items(), *([("teacher", args.teacher)] if args.teacher else [])]:
+        if not os.path.exists(os.path.expanduser(path)) and path.startswith(("/", ".", "~")):
+            raise UserError(f"model {name!r} not found: {path}")
+    for path in runs.values():
+        read_run_metrics(path)  # a bad run directory fails now, not after the evaluation
+    results = evaluate_models(models, args.data, teacher=args.teacher, max_length=args.max_length,
+                              max_examples=args.max_examples, num_prompts=args.prompts,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                              speed=not args.no_speed, dtype=args.dtype)
+    json_path, html_path = write_report(results, args.out, runs=runs)
+    print(_eval_table(results))
+    print(f"\nwrote {json_path}\n      {html_path}")
+
+
+def _eval_table(results: dict) -> str:
+    from distill.evaluate import METRICS
+    from distill.report import format_value
+
+    names = list(results["models"])
+    width = max(12, *(len(n) + 2 for n in names))
+    keys = [k for k in METRICS if k not in ("size_mb",)
+            and any(results["models"][n].get(k) is not None for n in names)]
+    label_width = max(len(METRICS[k][0]) for k in keys) + 2
+    lines = [f"{'':<{label_width}}" + "".join(f"{n:>{width}}" for n in names)]
+    for key in keys:
+        label = METRICS[key][0]
+        lines.append(f"{label:<{label_width}}" + "".join(
+            f"{format_value(key, results['models'][n].get(key)):>{width}}" for n in names))
     return "\n".join(lines)
 
 

@@ -1,0 +1,117 @@
+"""Rebuild the quickstart's bundled corpus and tokenizer (the teacher is trained by `distill train`).
+
+    python scripts/build_assets.py corpus --lib /path/to/python3.11/lib/python3.11
+    python scripts/build_assets.py tokenizer
+    distill train examples/quickstart/teacher.yaml          # then: scripts/build_assets.py teacher
+
+corpus: every .py file of a CPython 3.11 standard library except test directories, in sorted order,
+split by a hash of its path into train (90%) / eval (5%) / test (5%), stored as Parquet (zstd)
+with columns ``path`` and ``text``, plus CPython's license. Deterministic: the same Lib/ gives
+byte-identical files.
+tokenizer: byte-level BPE with 8,192 tokens trained on the train split, Hugging Face format.
+teacher: copies the trained student of runs/quickstart-teacher into the package (safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ASSETS = Path(__file__).resolve().parents[1] / "distill" / "assets"
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+EOS = "<|endoftext|>"
+
+
+def split_of(path: str) -> str:
+    bucket = int(hashlib.sha256(path.encode()).hexdigest(), 16) % 100
+    return "train" if bucket < 90 else "eval" if bucket < 95 else "test"
+
+
+def build_corpus(lib: Path) -> None:
+    if not (lib / "os.py").is_file() or not (lib / "LICENSE.txt").is_file():
+        sys.exit(f"{lib} does not look like a CPython Lib directory (no os.py / LICENSE.txt)")
+    rows = {"train": [], "eval": [], "test": []}
+    for file in sorted(lib.rglob("*.py")):
+        rel = file.relative_to(lib)
+        if EXCLUDED_DIRS & set(rel.parts[:-1]) or rel.parts[0].startswith("config-"):
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            rows[split_of(rel.as_posix())].append({"path": rel.as_posix(), "text": text})
+    out = ASSETS / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
+    own = lib.resolve() == Path(sysconfig.get_paths()["stdlib"]).resolve()
+    version = platform.python_version() if own else "(version of the Lib given)"
+    manifest = {"source": f"CPython {version} standard library, .py files outside test directories",
+                "license": "LICENSE-CPython.txt", "split": "sha256(path) % 100: <90 train, <95 eval, else test",
+                "splits": {}}
+    for split, items in rows.items():
+        table = pa.Table.from_pylist(items, schema=pa.schema([("path", pa.string()), ("text", pa.string())]))
+        target = out / f"{split}.parquet"
+        pq.write_table(table, target, compression="zstd", compression_level=19)
+        manifest["splits"][split] = {"files": len(items), "chars": sum(len(r["text"]) for r in items),
+                                     "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+    shutil.copyfile(lib / "LICENSE.txt", out / "LICENSE-CPython.txt")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
+
+
+def build_tokenizer(vocab_size: int = 8192) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = pq.read_table(ASSETS / "corpus" / "train.parquet").column("text").to_pylist()
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                  unk_token=None)
+    tok.save_pretrained(ASSETS / "tokenizer")
+    n_tokens = sum(len(ids) for ids in tok(texts[:200])["input_ids"])
+    n_chars = sum(len(t) for t in texts[:200])
+    print(f"tokenizer: {len(tok)} tokens, {n_chars / n_tokens:.2f} characters per token on 200 train files")
+
+
+def copy_teacher(run: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "student")
+    target = ASSETS / "teacher"
+    shutil.rmtree(target, ignore_errors=True)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(run / "student").save_pretrained(target)
+    size = sum(f.stat().st_size for f in target.iterdir())
+    print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters, {size / 2**20:.1f} MiB in {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    corpus = sub.add_parser("corpus")
+    corpus.add_argument("--lib", type=Path, required=True, help="a CPython 3.11 Lib directory")
+    sub.add_parser("tokenizer")
+    teacher = sub.add_parser("teacher")
+    teacher.add_argument("--run", type=Path, default=Path("runs/quickstart-teacher"))
+    args = parser.parse_args()
+    if args.what == "corpus":
+        build_corpus(args.lib)
+    elif args.what == "tokenizer":
+        build_tokenizer()
+    else:
+        copy_teacher(args.run)
+
+
+if __name__ == "__main__":
+    main()
