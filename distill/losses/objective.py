@@ -11,6 +11,7 @@ processes), see LOSSES.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -67,6 +68,33 @@ def kd_loss(
         returns: LossParts of scalars
     """
     divergence_fn = get_divergence(divergence)
+    divergence_of = None
+    if teacher_logits is not None:
+        def divergence_of(logits):
+            return divergence_fn(logits, teacher_logits, temperature=temperature, **divergence_kwargs)
+    elif kd_weight != 0:
+        raise ValueError("teacher_logits is None but kd_weight != 0; pass the teacher's logits or set kd_weight=0")
+    return combine(student_logits, labels, divergence_of, temperature=temperature, scale_by_tau2=scale_by_tau2,
+                   kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def combine(
+    student_logits: Tensor,
+    labels: Tensor,
+    divergence_of: Callable[[Tensor], Tensor] | None,
+    *,
+    temperature: float,
+    scale_by_tau2: bool,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int = -100,
+) -> LossParts:
+    """The objective from a per-position divergence: ``divergence_of(student_logits) -> (...)``
+    (None: no teacher signal, kd = 0). Shared by ``kd_loss`` and the sparse-target loss.
+
+    Shapes:
+        student_logits: (..., V);  labels: (...);  returns: LossParts of scalars
+    """
     mask = labels != ignore_index  # (...)
     zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     grad_on = torch.is_grad_enabled()
@@ -75,14 +103,10 @@ def kd_loss(
     with torch.set_grad_enabled(grad_on and ce_weight != 0):
         ce = cross_entropy(student_logits, labels, ignore_index=ignore_index).sum()  # 0 at ignored positions
 
-    if teacher_logits is None:
-        if kd_weight != 0:
-            raise ValueError("teacher_logits is None but kd_weight != 0; pass the teacher's logits or set kd_weight=0")
-        kd = zero
-    else:
+    kd = zero
+    if divergence_of is not None:
         with torch.set_grad_enabled(grad_on and kd_weight != 0):
-            per_position = divergence_fn(student_logits, teacher_logits, temperature=temperature, **divergence_kwargs)
-            kd = torch.where(mask, per_position, 0.0).sum()
+            kd = torch.where(mask, divergence_of(student_logits), 0.0).sum()
 
     # Weight-0 terms are left out rather than multiplied by 0, so an inf there cannot make a NaN.
     loss = zero

@@ -35,8 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from distill.losses.divergences import _log_probs, cross_entropy
-from distill.losses.objective import LossParts, tau2_scale
+from distill.losses.divergences import _log_probs
+from distill.losses.objective import LossParts, combine
 
 SPARSE_MODES = ("tail", "renormalized")
 
@@ -245,24 +245,12 @@ def sparse_kd_loss(
         student_logits: (..., V);  targets: ids/logprobs (..., k), log_tail (...);  labels: (...)
         returns: LossParts of scalars
     """
-    mask = labels != ignore_index  # (...)
-    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    grad_on = torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad_on and ce_weight != 0):
-        ce = cross_entropy(student_logits, labels, ignore_index=ignore_index).sum()
-    if targets is None:
-        if kd_weight != 0:
-            raise ValueError("targets is None but kd_weight != 0; pass the teacher's targets or set kd_weight=0")
-        kd = zero
-    else:
-        with torch.set_grad_enabled(grad_on and kd_weight != 0):
-            per_position = sparse_forward_kl(student_logits, targets.ids, targets.logprobs, targets.log_tail,
-                                              temperature=temperature, target_temperature=targets.temperature,
-                                              mode=mode)  # (...)
-            kd = torch.where(mask, per_position, 0.0).sum()
-    loss = zero
-    if kd_weight != 0:
-        loss = loss + kd_weight * tau2_scale(temperature, scale_by_tau2) * kd
-    if ce_weight != 0:
-        loss = loss + ce_weight * ce
-    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), num_supervised=mask.sum())
+    divergence_of = None
+    if targets is not None:
+        def divergence_of(logits):
+            return sparse_forward_kl(logits, targets.ids, targets.logprobs, targets.log_tail, temperature=temperature,
+                                     target_temperature=targets.temperature, mode=mode)  # (...)
+    elif kd_weight != 0:
+        raise ValueError("targets is None but kd_weight != 0; pass the teacher's targets or set kd_weight=0")
+    return combine(student_logits, labels, divergence_of, temperature=temperature, scale_by_tau2=scale_by_tau2,
+                   kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index)
