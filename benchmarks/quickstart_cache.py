@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from distill.quickstart import CORPUS, DISTILL_LOSS, STEPS_PER_5_MINUTES, TEACHER, student_config, train_student
+from distill.quickstart import CORPUS, DISTILL_LOSS, STEPS_PER_5_MINUTES, TEACHER, student_config
 
 VARIANTS = {"top8": {"mode": "topk", "k": 8}, "top32": {"mode": "topk", "k": 32}, "top64": {"mode": "topk", "k": 64},
             "sampled64": {"mode": "sampled", "samples": 64}}
@@ -30,7 +32,6 @@ def main() -> None:
     parser.add_argument("--live", type=Path, default=Path("runs/objectives/distilled-s0"))
     parser.add_argument("--steps", type=int, default=STEPS_PER_5_MINUTES)
     args = parser.parse_args()
-    from distill.cache.writer import cache
     from distill.evaluate import evaluate_models
 
     info = {}
@@ -41,15 +42,23 @@ def main() -> None:
         config["cache"] = {"dir": str(args.out / f"{run}-targets"), "temperature": 1.0, "batch_size": 16, **spec}
         path = args.out / f"{run}-cache.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # Each verb in its own process: Accelerate's state is per process (see the closing note of #4).
         tic = time.perf_counter()
-        written = cache(path)
+        done = subprocess.run([sys.executable, "-m", "distill", "cache", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(done.stderr[-2000:])
         cache_s = time.perf_counter() - tic
+        written = json.loads((args.out / f"{run}-targets" / "manifest.json").read_text())
         if not (args.out / run / "student" / "model.safetensors").is_file():
             print(f"== {run}", flush=True)
-            wall = train_student(config, progress=False)["wall_s"]
-            (args.out / run / "wall.json").write_text(json.dumps({"wall_s": wall}))
+            tic = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "distill", "train", str(path), "train.progress=false"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(done.stderr[-2000:])
+            (args.out / run / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - tic}))
         wall = json.loads((args.out / run / "wall.json").read_text())["wall_s"]
-        info[run] = {"bytes_per_position": written["bytes_per_position"], "cache_s": cache_s, "train_s": wall}
+        info[run] = {"bytes_per_position": _bytes_per_position(written), "cache_s": cache_s, "train_s": wall}
     info["live"] = {"train_s": json.loads((args.live / "wall.json").read_text())["wall_s"]}
     models = {"live": str(args.live / "student"), **{run: str(args.out / run / "student") for run in info if run != "live"}}
     results = evaluate_models(models, str(CORPUS / "eval.parquet"), teacher=str(TEACHER), max_length=256,
@@ -68,6 +77,11 @@ def main() -> None:
     (args.out / "cache.md").write_text(table + "\n")
     (args.out / "cache.json").write_text(json.dumps({"results": results, "info": info}, indent=2))
     print(table)
+
+
+def _bytes_per_position(manifest: dict) -> float:
+    shards = manifest["shards"]
+    return sum(s["bytes"] for s in shards) / max(1, sum(s["positions"] for s in shards))
 
 
 if __name__ == "__main__":
