@@ -176,7 +176,7 @@ def main() -> None:
         from distill.cache.writer import cache as build
         build({k: v for k, v in config.items() if not k.startswith("_")})  # the cache the training run reads
         rows = {source: train_speed(config, source, root) for source in ("live", "cache")}
-        print(f"| teacher source | train tokens/s | vs live | peak RSS (MiB) |\n|---|---|---|---|")
+        print("| teacher source | train tokens/s | vs live | peak RSS (MiB) |\n|---|---|---|---|")
         for source, r in rows.items():
             print(f"| {source} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows['live']['tokens_per_s']:.2f}x | "
                   f"{r['rss_mib']:,.0f} |")

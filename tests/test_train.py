@@ -1,8 +1,6 @@
 """`distill train` end to end through the CLI, on tiny models: the invariants that must hold."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -78,14 +76,12 @@ def test_micro_batch_times_accumulation_gives_the_same_parameters(workspace, tmp
                    "max_grad_norm": 0.0, "schedule": "constant"})
         assert result.returncode == 0, result.stderr[-3000:]
     reference = params(runs[8, 1])
-    start = params(runs[8, 1])
     for key in (8, 1), (4, 2), (1, 8):
         assert_same_params(params(runs[key]), reference, atol=2e-6)
     logs = {k: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for k, r in runs.items()}
     for key in logs:
         assert [m["supervised_tokens"] for m in logs[key]] == [m["supervised_tokens"] for m in logs[8, 1]]
         assert logs[key][-1]["loss"] == pytest.approx(logs[8, 1][-1]["loss"], rel=1e-5)
-    del start
 
 
 def test_chunked_and_dense_training_agree(workspace, tmp_path):
