@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from transformers import PreTrainedTokenizerFast
 
 import distill.data.formats as formats_module
 import distill.data.loading as loading_module
+import distill.data.sources as sources_module
 from distill.data import DataError, collate, load_tokenized, tokenizer_fingerprint
 from distill.data.formats import assistant_spans, pack_blocks
-from distill.data.sources import resolve_source
+from distill.data.sources import load_raw, resolve_source
 from distill.errors import UserError
 
 # ---- tokenizers -----------------------------------------------------------------------------
@@ -197,12 +199,12 @@ def test_bpe_packing_decodes_back_to_documents(tmp_path):
 
 def test_prompt_completion_supervises_completion_and_eos_only(tmp_path):
     src = jsonl(tmp_path / "pc.jsonl", [{"prompt": "hello world", "completion": "the cat"},
-                                        {"prompt": "hi", "completion": ""}])
+                                        {"prompt": "hi", "completion": "you"}])
     ds = load_tokenized(src, tokenizer=word_tokenizer(), max_length=16)
     assert rows_of(ds) == [
         (w("hello world the cat") + [EOS], [X, X] + w("the cat") + [EOS]),
-        (w("hi") + [EOS], [X, EOS]),
-    ]
+        (w("hi you") + [EOS], [X] + w("you") + [EOS]),
+    ]  # an empty completion is an error: test_empty_completion_names_its_line
 
 
 def test_prompt_completion_bos_belongs_to_the_prompt(tmp_path):
@@ -327,7 +329,7 @@ def test_chat_not_prefix_stable_template_is_refused(tmp_path):
     template = "{{ messages | length }} " + CHAT_PLAIN
     src = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     tok = word_tokenizer(chat_template=template, extra_words=("1", "2", "3", "4"))
-    with pytest.raises(DataError, match="row 0: the chat template is not prefix-stable"):
+    with pytest.raises(DataError, match=re.escape(f"{src}:1: the chat template is not prefix-stable")):
         load_tokenized(src, tokenizer=tok, max_length=64)
 
 
@@ -336,7 +338,7 @@ def test_chat_template_exception_is_a_data_error(tmp_path):
                 "{% endif %}" + CHAT_PLAIN)
     src = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION},
                                           {"messages": CONVERSATION[1:]}])
-    with pytest.raises(DataError, match="row 1: .*must start with user"):
+    with pytest.raises(DataError, match=re.escape(f"{src}:2: ") + ".*must start with user"):
         load_tokenized(src, tokenizer=word_tokenizer(chat_template=template), max_length=64)
 
 
@@ -360,7 +362,7 @@ def test_chat_messages_with_extra_keys_in_some_rows(tmp_path):
 
 def test_malformed_messages_are_a_data_error(tmp_path):
     src = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": []}])
-    with pytest.raises(DataError, match="row 1: field 'messages' must be a non-empty list"):
+    with pytest.raises(DataError, match=re.escape(f"{src}:2: field 'messages' must be a non-empty list")):
         load_tokenized(src, tokenizer=word_tokenizer(chat_template=CHAT_PLAIN), max_length=64)
 
 
@@ -486,11 +488,172 @@ def test_other_user_mistakes(tmp_path):
     assert "no EOS token" in _error(tmp_path, src, tokenizer=word_tokenizer(eos=False))
     assert "max_length must be a positive integer" in _error(tmp_path, src, max_length=0)
     (tmp_path / "bad.jsonl").write_text('{"text": "hi"}\n{not json\n')
-    assert "could not read" in _error(tmp_path, tmp_path / "bad.jsonl")
+    assert "bad.jsonl:2: not valid JSON" in _error(tmp_path, tmp_path / "bad.jsonl")
     bad_type = jsonl(tmp_path / "t.jsonl", [{"text": 3}])
     assert "field 'text' is int, expected a string" in _error(tmp_path, bad_type)
     (tmp_path / "a.csv").write_text("text\nhi\n")
     assert "unsupported data file" in _error(tmp_path, tmp_path / "a.csv")
+
+
+# ---- errors name their place ----------------------------------------------------------------
+# A user opens the file at the line an error names: 1-based physical lines, blank lines counted.
+
+
+def test_broken_json_line_names_file_and_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", [{"text": "hello"}] * 3)
+    (data / "b.jsonl").write_text('{"text": "hi"}\n\n  \n{"text": "you"}\n{"text": "x",}\n')
+    message = _error(tmp_path, data)  # the directory: both files, in order
+    assert message == (f"{data / 'b.jsonl'}:5: not valid JSON "
+                       "(Expecting property name enclosed in double quotes at column 14)")
+
+
+@pytest.mark.parametrize("content, line, reason", [
+    (b'{"text": "a"}\r\n\r\n{"text": "b"\r\n', 3, "not valid JSON (Expecting ',' delimiter"),
+    (b'{"text": "a"}\r{"text": "b"}\r{"text"\r', 3, "not valid JSON (Expecting ':' delimiter"),
+    (b'\xef\xbb\xbf{"text": "a"}\n{"text": "\xff"}\n', 2, "not valid UTF-8 (invalid start byte"),
+    (b'{"text": "a"}\n\n3\n', 3, "not a JSON object (found a number)"),
+    (b'{"text": "a"}\n{"text": "b"} x\n', 2, "not valid JSON (Extra data at column 15)"),
+], ids=["crlf", "lone-cr", "utf8", "not-object", "extra-data"])
+def test_bad_jsonl_lines(tmp_path, content, line, reason):
+    (tmp_path / "d.jsonl").write_bytes(content)
+    assert _error(tmp_path, tmp_path / "d.jsonl").startswith(f"{tmp_path / 'd.jsonl'}:{line}: {reason}")
+
+
+def test_broken_json_array_names_its_line(tmp_path):
+    (tmp_path / "d.json").write_text('[\n  {"text": "a"},\n  {"text": "b"}\n  {"text": "c"}\n]\n')
+    assert _error(tmp_path, tmp_path / "d.json") == (
+        f"{tmp_path / 'd.json'}:4: not valid JSON (Expecting ',' delimiter at column 3)")
+
+
+@pytest.mark.parametrize("format", ["text", "prompt_completion"])
+def test_missing_field_names_file_and_line(tmp_path, format):
+    field = "text" if format == "text" else "completion"
+    good = {"text": "hi", "prompt": "hi", "completion": "you"}
+    bad = {k: v for k, v in good.items() if k != field}
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", [good, good])
+    (data / "b.jsonl").write_text("\n".join(["", json.dumps(good), "   ", json.dumps(bad), ""]))
+    message = _error(tmp_path, data, format=format)
+    assert message == f"{data / 'b.jsonl'}:4: field {field!r} is missing or null, expected a string"
+    # max_examples selects a prefix: row indices stay those of the whole data
+    assert len(load_tokenized(str(data), tokenizer=word_tokenizer(), format=format,
+                              max_examples=3)) >= 1
+    assert _error(tmp_path, data, format=format, max_examples=4).startswith(f"{data / 'b.jsonl'}:4: ")
+
+
+def test_wrong_type_names_file_and_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n{"text": "you"}\n{"text": 3}\n')
+    assert _error(tmp_path, tmp_path / "d.jsonl") == (
+        f"{tmp_path / 'd.jsonl'}:3: field 'text' is int, expected a string")
+    # with a blank line, datasets (5.2) cannot read mixed types at all: the scan names the line
+    (tmp_path / "b.jsonl").write_text('{"text": null}\n{"text": "you"}\n\n{"text": 3}\n')
+    assert _error(tmp_path, tmp_path / "b.jsonl") == (
+        f"{tmp_path / 'b.jsonl'}:4: field 'text' is a number, but a string at "
+        f"{tmp_path / 'b.jsonl'}:2; give a field one JSON type throughout")
+
+
+def test_json_array_and_parquet_places(tmp_path):
+    rows = [{"text": "hi"}, {"text": "you"}, {"text": None}]
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))  # element 3 starts on line 8
+    assert _error(tmp_path, tmp_path / "d.json").startswith(
+        f"{tmp_path / 'd.json'}:8 (element 3): field 'text' is missing or null")
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "p" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p" / "b.parquet")
+    assert _error(tmp_path, tmp_path / "p").startswith(
+        f"{tmp_path / 'p' / 'b.parquet'} row 3: field 'text' is missing or null")
+
+
+def test_hub_rows_are_named_by_1_based_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, **kwargs: datasets.Dataset.from_dict({"text": ["hi", None]}))
+    assert _error(tmp_path, "owner/corpus") == (
+        "row 2 (1-based) of hub dataset 'owner/corpus': field 'text' is missing or null, "
+        "expected a string")
+
+
+def test_places_fall_back_to_row_numbers_when_lines_and_rows_disagree(tmp_path):
+    # pyarrow reads two objects from one line: lines no longer tell rows apart
+    (tmp_path / "d.jsonl").write_text('{"text": "a"} {"text": "b"}\n{"text": null}\n')
+    assert _error(tmp_path, tmp_path / "d.jsonl").startswith(
+        f"row 3 (1-based) of {tmp_path / 'd.jsonl'}: field 'text' is missing or null")
+
+
+def test_locate_rows_agrees_with_what_datasets_reads(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"n": 0}\r\n\r\n \t\r\n{"n": 1}\r{"n": 2}\n')
+    (data / "b.jsonl").write_bytes(b'\n\n{"n": 3}\n{"n": 4}')
+    (data / "c.json").write_text('[{"n": 5},\n\n {"n": 6}]')
+    src = resolve_source(str(data))
+    raw = load_raw(src, split="train", hf_cache_dir=str(tmp_path / "hf"))
+    places = sources_module.locate_rows(src, range(len(raw)), num_rows=len(raw))
+    a, b, c = (str(data / name) for name in ["a.jsonl", "b.jsonl", "c.json"])
+    assert places == [f"{a}:1", f"{a}:4", f"{a}:5", f"{b}:3", f"{b}:4",
+                      f"{c}:1 (element 1)", f"{c}:3 (element 2)"]
+    assert raw["n"] == list(range(7))
+    assert sources_module.locate_row(src, 3) == f"{b}:3"
+
+
+def test_empty_documents_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    src = jsonl(tmp_path / "d.jsonl", [{"text": t} for t in ["hello", "", "world", " \n", "", "\t", "hi"]])
+    ds = load_tokenized(src, tokenizer=word_tokenizer(), max_length=100)
+    assert ds[0]["input_ids"] == w("hello") + [EOS] + w("world") + [EOS] + w("hi") + [EOS]
+    assert (f"4 empty documents in column 'text' skipped: {src}:2, {src}:4, {src}:5, ..."
+            in caplog.text)
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("hello")
+    (tmp_path / "txt" / "b.txt").write_text(" \n\n")
+    load_tokenized(str(tmp_path / "txt"), tokenizer=word_tokenizer(), max_length=100)
+    assert f"1 empty documents in column 'text' skipped: {tmp_path / 'txt' / 'b.txt'}\n" in caplog.text
+
+
+def test_empty_completion_names_its_line(tmp_path):
+    src = jsonl(tmp_path / "pc.jsonl", [{"prompt": "hi", "completion": "you"},
+                                        {"prompt": "hi", "completion": " \n"}])
+    assert _error(tmp_path, src).startswith(
+        f"{src}:2: field 'completion' is empty: the example would train on EOS alone")
+
+
+def test_empty_assistant_turn_warns_naming_its_line(tmp_path, caplog):
+    empty = [CONVERSATION[0], {"role": "assistant", "content": ""}]
+    src = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": empty}])
+    load_tokenized(src, tokenizer=word_tokenizer(chat_template=CHAT_PLAIN), max_length=64)
+    assert f"1 chat examples with an assistant turn of empty content: {src}:2" in caplog.text
+    assert f"{src}:2, ..." not in caplog.text
+
+
+@pytest.mark.parametrize("third_line, expected", [
+    ('{"txt": "typo"}', "field 'text' is missing or null, expected a string"),
+    ('{"text": "the end",}', "not valid JSON (Expecting property name enclosed in double quotes "
+                             "at column 20)"),
+], ids=["missing-field", "broken-json"])
+def test_data_error_through_the_cli_is_one_line_with_file_and_line(tmp_path, third_line, expected):
+    from tests.conftest import write_config
+    from tests.helpers import make_tokenizer, run_cli
+
+    make_tokenizer(tmp_path / "tok")
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"text": "the cat"}\n\n' + third_line + '\n{"text": "the dog"}\n')
+    config = {
+        "student": {"tokenizer": str(tmp_path / "tok"),
+                    "config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "num_key_value_heads": 1, "max_position_embeddings": 64}},
+        "data": {"train": str(bad), "format": "text", "max_length": 8},
+        "loss": {"kd_weight": 0.0, "ce_weight": 1.0},
+        "train": {"max_steps": 1, "batch_size": 1, "tracker": "none", "progress": False,
+                  "output_dir": str(tmp_path / "run")},
+    }
+    result = run_cli("train", str(write_config(tmp_path / "c.yaml", config)),
+                     env={"DISTILL_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("distill: error:")]
+    assert lines == [f"distill: error: {bad}:3: {expected}"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "row 1" not in result.stderr  # datasets' 0-based row
 
 
 # ---- caching --------------------------------------------------------------------------------

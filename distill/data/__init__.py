@@ -2,6 +2,11 @@
 
 ``load_tokenized`` reads, tokenizes (text packed into blocks; prompt/completion and chat with
 only completion / assistant tokens supervised) and caches; ``collate`` pads a batch.
+
+A mistake in the data raises ``DataError`` (a ``UserError``: the CLI prints one line and exits 2)
+that names the place to open in an editor, e.g. ``/data/train.jsonl:17: not valid JSON (Expecting
+',' delimiter at column 12)`` or ``/data/train.jsonl:17: field 'text' is missing or null, expected
+a string``; see ``sources`` for how places are counted and ``formats`` for what each format checks.
 """
 
 from distill.data.cache import tokenizer_fingerprint

@@ -9,15 +9,16 @@ BOS gets one BOS per document / example, one that adds nothing gets nothing. EOS
 
 Formats:
 
-- ``text``: one document per row. Empty or whitespace-only documents are skipped. With packing,
-  every document is followed by EOS, all documents are concatenated in order and cut into blocks
-  of exactly ``max_length``; the final partial block is dropped, except when the whole dataset is
+- ``text``: one document per row. Empty or whitespace-only documents are skipped (a warning
+  counts them and names the first few places). With packing, every document is followed by EOS,
+  all documents are concatenated in order and cut into blocks of exactly ``max_length``; the final partial block is dropped, except when the whole dataset is
   shorter than one block, in which case that single shorter block is kept (so a tiny eval file
   still works). Without packing, each document (plus EOS if it fits) is truncated to
   ``max_length``. Every token is supervised.
 - ``prompt_completion``: the prompt and the completion are tokenized *separately* and their ids
   concatenated, so the supervised boundary is exact: put any separating space or newline in the
-  prompt or the completion as the model should see it. EOS follows the completion. A chat template
+  prompt or the completion as the model should see it. EOS follows the completion; an empty or
+  whitespace-only completion is a ``DataError`` (it would train on EOS alone). A chat template
   is *not* applied (plain concatenation); use the ``chat`` format for templated data. Only
   completion tokens and the EOS are supervised.
 - ``chat``: ``messages`` is a list of ``{"role", "content"}``; only the ``assistant`` turns are
@@ -35,13 +36,20 @@ Supervised formats are not packed (``packing`` applies to ``text`` only): withou
 attention masks, packed examples would attend across example boundaries. Examples truncated to
 ``max_length`` are cut at the end; an example left with no supervised token (e.g. a prompt that
 fills ``max_length``) is dropped and counted in a warning; if all are dropped, ``DataError``.
+
+Errors and warnings about a row name its place through ``locate`` (``distill.data.sources.
+locate_rows``: ``file:line`` for JSON Lines), e.g. ``/data/train.jsonl:17: field 'text' is missing
+or null, expected a string``. A missing field, a field of the wrong type, malformed messages, an
+empty or whitespace-only completion and a chat template that fails on a conversation are
+``DataError``; empty text documents and assistant turns with empty content are warnings that
+count them and name the first few places.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import datasets
 import numpy as np
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FORMATS = ("text", "prompt_completion", "chat")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+SHOWN_PLACES = 3  # how many places a warning names
 _FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -120,10 +129,36 @@ def _plain_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def _check_str(value, field: str, row: int) -> str:
+def row_numbers(indices: Sequence[int]) -> list[str]:
+    """The default ``locate``: ``row N`` (1-based) when nothing better is known."""
+    return [f"row {index + 1}" for index in indices]
+
+
+def _at(locate, index: int) -> str:
+    """The place of one row, for an error message."""
+    return locate([index])[0]
+
+
+def _check_str(value, field: str, index: int, locate) -> str:
+    if value is None:  # also what Arrow fills in where a row lacks a field that others have
+        raise DataError(
+            f"{_at(locate, index)}: field {field!r} is missing or null, expected a string"
+        )
     if not isinstance(value, str):
-        raise DataError(f"row {row}: field {field!r} is {type(value).__name__}, expected a string")
+        kind = type(value).__name__
+        raise DataError(f"{_at(locate, index)}: field {field!r} is {kind}, expected a string")
     return value
+
+
+def _warn_rows(what: str, indices: list[int], count: int, locate) -> None:
+    """Warn that ``count`` rows are ``what``, naming the places of the first few ``indices``
+    (none are known when ``datasets`` served the map from its cache)."""
+    shown = indices[:SHOWN_PLACES]
+    if not shown:
+        log.warning("%d %s", count, what)
+        return
+    more = ", ..." if count > len(shown) else ""
+    log.warning("%d %s: %s%s", count, what, ", ".join(locate(shown)), more)
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int):
@@ -169,12 +204,17 @@ def _blocks_dataset(blocks: np.ndarray) -> datasets.Dataset:
     return datasets.Dataset(datasets.table.InMemoryTable(table))  # features: lists of int32
 
 
-def _tokenize_text(raw, *, tokenizer, eos_id, max_length, packing, text_field, fingerprint):
+def _tokenize_text(raw, *, tokenizer, eos_id, max_length, packing, text_field, fingerprint,
+                   locate):
+    empty = []  # the first few empty documents' indices (not filled when datasets' cache hits)
+
     def encode(batch, indices):
-        texts = [
-            _check_str(text, text_field, row) for text, row in zip(batch[text_field], indices)
-        ]
-        texts = [text for text in texts if text.strip()]
+        texts = []
+        for text, index in zip(batch[text_field], indices):
+            if _check_str(text, text_field, index, locate).strip():
+                texts.append(text)
+            elif len(empty) < SHOWN_PLACES:
+                empty.append(index)
         docs = _document_ids(texts, tokenizer, eos_id) if texts else []
         if not packing:
             docs = [ids[:max_length] for ids in docs]
@@ -191,6 +231,9 @@ def _tokenize_text(raw, *, tokenizer, eos_id, max_length, packing, text_field, f
     )
     if len(docs) == 0:
         raise DataError(f"no text: every document in column {text_field!r} is empty")
+    if len(docs) < len(raw):
+        _warn_rows(f"empty documents in column {text_field!r} skipped", empty,
+                   len(raw) - len(docs), locate)
     if not packing:
         return docs
     flat = docs.data.column("input_ids").combine_chunks().flatten().to_numpy()  # (N,)
@@ -225,16 +268,30 @@ def chat_template_of(tokenizer) -> str | None:
     return tokenizer.get_chat_template()
 
 
-def _check_messages(messages, field: str, row: int) -> list[dict]:
+def _check_messages(messages, field: str, index: int, locate) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"row {row}: field {field!r} must be a non-empty list of messages")
+        if messages is None:
+            found = "missing or null"
+        elif isinstance(messages, list):
+            found = "an empty list"
+        else:
+            found = type(messages).__name__
+        raise DataError(
+            f"{_at(locate, index)}: field {field!r} must be a non-empty list of messages, "
+            f"found {found}"
+        )
     clean = []
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise DataError(f"row {row}: each message in {field!r} needs a string 'role'")
+            raise DataError(
+                f"{_at(locate, index)}: each message in {field!r} needs a string 'role'"
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, str):
-            raise DataError(f"row {row}: message content in {field!r} must be a string")
+            raise DataError(
+                f"{_at(locate, index)}: message content in {field!r} must be a string, "
+                f"found {type(content).__name__}"
+            )
         # Arrow fills keys that other rows have with None; templates expect them absent.
         clean.append({k: v for k, v in message.items() if v is not None})
     return clean
@@ -337,11 +394,14 @@ def tokenize_dataset(
     completion_field: str,
     messages_field: str,
     fingerprint: str,
+    locate: Callable[[Sequence[int]], list[str]] = row_numbers,
 ) -> datasets.Dataset:
     """Tokenize ``raw`` in a concrete ``format``; returns columns ``input_ids`` and ``labels``.
 
     ``fingerprint`` names the result in the ``datasets`` cache (it must change whenever any input
-    does). See the module doc for each format's rules.
+    does). ``locate`` turns 0-based row indices of ``raw`` into the places error messages name;
+    it is called only when there is something to report. See the module doc for each format's
+    rules.
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -355,15 +415,24 @@ def tokenize_dataset(
             packing=packing,
             text_field=text_field,
             fingerprint=fingerprint,
+            locate=locate,
         )
 
     prefix = special_prefix(tokenizer)
+    empty_turns = []  # indices of the first few chats with an empty assistant turn
+    empty_count = 0
     if format == "prompt_completion":
 
         def encode_row(row, index):
+            completion = _check_str(row[completion_field], completion_field, index, locate)
+            if not completion.strip():
+                raise DataError(
+                    f"{_at(locate, index)}: field {completion_field!r} is empty: the example "
+                    "would train on EOS alone; remove it or fill in the completion"
+                )
             return encode_prompt_completion(
-                _check_str(row[prompt_field], prompt_field, index),
-                _check_str(row[completion_field], completion_field, index),
+                _check_str(row[prompt_field], prompt_field, index, locate),
+                completion,
                 tokenizer=tokenizer,
                 eos_id=eos_id,
                 prefix=prefix,
@@ -378,7 +447,12 @@ def tokenize_dataset(
             )
 
         def encode_row(row, index):
-            messages = _check_messages(row[messages_field], messages_field, index)
+            nonlocal empty_count
+            messages = _check_messages(row[messages_field], messages_field, index, locate)
+            if any(m["role"] == "assistant" and not m.get("content", "").strip() for m in messages):
+                empty_count += 1
+                if len(empty_turns) < SHOWN_PLACES:
+                    empty_turns.append(index)
             try:
                 if template is None:
                     return encode_chat_fallback(
@@ -389,14 +463,15 @@ def tokenize_dataset(
                 return encode_chat_prefix(messages, tokenizer=tokenizer)
             except NotPrefixStable as e:
                 raise DataError(
-                    f"row {index}: the chat template is not prefix-stable ({e}), so assistant "
-                    "turns cannot be located; use a template with {% generation %} markers"
+                    f"{_at(locate, index)}: the chat template is not prefix-stable ({e}), so "
+                    "assistant turns cannot be located; use a template with {% generation %} "
+                    "markers"
                 ) from e
             except DataError:
                 raise
             except Exception as e:  # template errors (e.g. roles must alternate) are data errors
                 raise DataError(
-                    f"row {index}: the chat template cannot render these messages: "
+                    f"{_at(locate, index)}: the chat template cannot render these messages: "
                     f"{type(e).__name__}: {' '.join(str(e).split())}"
                 ) from e
 
@@ -421,6 +496,9 @@ def tokenize_dataset(
         new_fingerprint=fingerprint,
         desc=f"Tokenizing {format}",
     )
+    if empty_count:
+        _warn_rows("chat examples with an assistant turn of empty content", empty_turns,
+                   empty_count, locate)
     dropped = len(raw) - len(tokenized)
     if len(tokenized) == 0:
         raise DataError(

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import datasets
 
 from distill.data import formats
 from distill.data.cache import cache_fingerprint, load_cached, save_cached, tokenizer_fingerprint
-from distill.data.sources import DataError, load_raw, local_fingerprint, resolve_source
+from distill.data.sources import (
+    DataError,
+    first_bad_json,
+    load_raw,
+    local_fingerprint,
+    locate_rows,
+    resolve_source,
+)
 
 
 def load_tokenized(
@@ -53,6 +61,9 @@ def load_tokenized(
     Raises:
         DataError: missing file, unreadable or empty data, missing column, unknown format, no
             supervised tokens, a tokenizer without EOS, a chat template that is not prefix-stable.
+            A problem in one row names where it is, as a user opens it in an editor:
+            ``/data/train.jsonl:17: not valid JSON (...)`` or ``/data/train.jsonl:17: field 'text'
+            is missing or null, expected a string`` (see ``distill.data.sources.locate_rows``).
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"max_length must be a positive integer, got {max_length!r}")
@@ -90,6 +101,8 @@ def load_tokenized(
 
     if raw is None:
         raw = load_raw(src, split=split, hf_cache_dir=hf_cache_dir)
+    # Rows keep their global index under select(range(n)), so places are found in the files.
+    locate = functools.partial(locate_rows, src, num_rows=len(raw))
     if max_examples is not None:
         raw = raw.select(range(min(max_examples, len(raw))))
     concrete = formats.resolve_format(
@@ -101,18 +114,23 @@ def load_tokenized(
         messages_field=messages_field,
         where=src.describe(),
     )
-    tokenized = formats.tokenize_dataset(
-        raw,
-        tokenizer=tokenizer,
-        format=concrete,
-        max_length=max_length,
-        packing=packing,
-        text_field=text_field,
-        prompt_field=prompt_field,
-        completion_field=completion_field,
-        messages_field=messages_field,
-        fingerprint=fingerprint,
-    )
+    try:
+        tokenized = formats.tokenize_dataset(
+            raw,
+            tokenizer=tokenizer,
+            format=concrete,
+            max_length=max_length,
+            packing=packing,
+            text_field=text_field,
+            prompt_field=prompt_field,
+            completion_field=completion_field,
+            messages_field=messages_field,
+            fingerprint=fingerprint,
+            locate=locate,
+        )
+    except UnicodeDecodeError as e:  # pyarrow can read bytes that are not UTF-8 into a string
+        bad = first_bad_json(src) if src.builder == "json" else None
+        raise DataError(bad or f"{src.describe()} is not valid UTF-8 text ({e.reason})") from e
     if cache_dir is None:
         return tokenized
     return save_cached(tokenized, cache_dir, fingerprint, key, resolved_format=concrete)
