@@ -1,15 +1,22 @@
 """The `distill` command: parse arguments, call one function per verb.
 
-User mistakes (bad config, missing file, mismatched tokenizer, empty data) print one line and
-exit with code 2; an interrupted training run exits with 130 after saving a checkpoint.
+User mistakes (bad config, missing file, mismatched tokenizer, empty data), a non-finite value under
+``train.nonfinite: stop`` and a full or read-only disk print one line and exit with code 2; an
+interrupted training run exits with 130 after saving a checkpoint. `distill eval` exits with 0 when
+a model has non-finite outputs: that is a finding of the evaluation, which succeeded; the model is
+marked in the table and the report and named in a warning on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from distill import __version__
+
+# A full or read-only disk, a quota, a file-size limit, no permission: the user's to fix, not a bug.
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"distill: error: could not write{where}: {e.strerror}; free space (or fix permissions) and run the "
+              "same command again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("distill: interrupted", file=sys.stderr)
         return 130
@@ -133,11 +147,16 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _eval(args) -> None:
+    """Evaluate, write eval.json and report.html, print the table.
+
+    A model with non-finite (NaN or infinite) outputs gets one ``distill: warning:`` line on stderr
+    and "non-finite" in the cells of the metrics it lacks; the exit code stays 0, since the
+    evaluation itself succeeded and its result, that model's failure, is reported."""
     import os
 
     from distill.errors import UserError
     from distill.evaluate import evaluate_models
-    from distill.report import read_run_metrics, write_report
+    from distill.report import nonfinite_warnings, read_run_metrics, write_report
 
     models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
     if not models:
@@ -154,22 +173,23 @@ def _eval(args) -> None:
     json_path, html_path = write_report(results, args.out, runs=runs)
     print(_eval_table(results))
     print(f"\nwrote {json_path}\n      {html_path}")
+    for line in nonfinite_warnings(results):
+        print(f"distill: warning: {line}", file=sys.stderr)
 
 
 def _eval_table(results: dict) -> str:
     from distill.evaluate import METRICS
-    from distill.report import format_value
+    from distill.report import cell_text, shown_keys
 
     names = list(results["models"])
     width = max(12, *(len(n) + 2 for n in names))
-    keys = [k for k in METRICS if k not in ("size_mb",)
-            and any(results["models"][n].get(k) is not None for n in names)]
+    keys = shown_keys(results, [k for k in METRICS if k != "size_mb"])
     label_width = max(len(METRICS[k][0]) for k in keys) + 2
     lines = [f"{'':<{label_width}}" + "".join(f"{n:>{width}}" for n in names)]
     for key in keys:
         label = METRICS[key][0]
         lines.append(f"{label:<{label_width}}" + "".join(
-            f"{format_value(key, results['models'][n].get(key)):>{width}}" for n in names))
+            f"{cell_text(results['models'][n], key):>{width}}" for n in names))
     return "\n".join(lines)
 
 

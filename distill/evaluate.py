@@ -18,6 +18,16 @@ turns it into ``eval.json`` and ``report.html``). Per model:
   ``generate_tokens_per_s_batch1``, ``generate_tokens_per_s_batched`` (``batch_size`` prompts,
   left padding), ``forward_tokens_per_s`` (full-logits forward of ``batch_size`` data blocks),
   each timed after a warm-up.
+- Non-finite outputs: ``nonfinite_positions`` (supervised positions of the data where the model's
+  logits hold a NaN or an infinity), ``finite`` (False if that count is not 0, or if a NaN or
+  infinity came up while sampling), ``status`` ("ok", or a sentence saying what was non-finite and
+  what was skipped) and ``nonfinite_metrics`` (the keys that are None because of non-finite
+  outputs, the model's own or the teacher's). A model with non-finite outputs on the data gets
+  None, never NaN nor a score over NaN rows, for every metric made from its logits (likelihood,
+  fidelity), and it is not sampled from (generation and speed metrics None); a non-finite teacher
+  makes every model's fidelity metrics and ``teacher_nll`` None. Sampling replaces a row of
+  non-finite scores with uniform ones (``NonFiniteGuard``) instead of crashing, and a model for
+  which that happened gets None generation metrics (and is not timed).
 
 All divergence and likelihood math comes from ``distill.losses``; logits are made per chunk of
 supervised rows (``chunk_slices``) from the final hidden states, so the full (B, T, V) tensor never
@@ -70,6 +80,10 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "generate_tokens_per_s_batched": ("generation tokens/s, batched", "max", "sampled tokens per second"),
     "forward_tokens_per_s": ("forward tokens/s", "max", "tokens per second through a full forward pass"),
 }
+LIKELIHOOD_KEYS = ("eval_ce", "perplexity", "top1_accuracy", "ece")
+FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl")
+GENERATION_KEYS = ("teacher_nll", "valid_python", "distinct_1", "distinct_2")
+SPEED_KEYS = ("generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +336,11 @@ class _Sums:
     fkl: float = 0.0
     rkl: float = 0.0
     bins: Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS, 3, dtype=torch.float64))
+    nonfinite: int | Tensor = 0  # positions whose logits hold a NaN or an infinity; stays on the device
 
-    def add(self, logits: Tensor, targets: Tensor, t_logits: Optional[Tensor]) -> None:
+    def add(self, logits: Tensor, targets: Tensor, t_logits: Optional[Tensor], finite: Tensor) -> None:
+        """``finite``: (n,) bool, ``finite_rows(logits)``."""
+        self.nonfinite = self.nonfinite + (~finite).sum()  # no host sync: read once, in metrics()
         top1 = logits.argmax(-1)  # (n,)
         confidence = torch.exp(-cross_entropy(logits, top1))  # (n,) probability of the top-1 token
         hit = top1 == targets
@@ -336,15 +353,32 @@ class _Sums:
             self.fkl += forward_kl(logits, t_logits).double().sum().item()
             self.rkl += reverse_kl(logits, t_logits).double().sum().item()
 
-    def metrics(self, with_teacher: bool) -> dict:
+    def metrics(self, with_teacher: bool, teacher_finite: bool = True) -> dict:
+        """The per-token means; a model with any non-finite position gets None for all of them, and
+        every fidelity metric is None when the teacher had one (listed in ``nonfinite_metrics``)."""
         n = max(self.n, 1.0)
-        out = {"eval_tokens": int(self.n), "eval_ce": self.ce / n, "perplexity": math.exp(min(self.ce / n, 50.0)),
-               "top1_accuracy": self.correct / n, "ece": ece_from_bins(self.bins)}
-        if with_teacher:
-            out.update(top1_agreement=self.agree / n, forward_kl=self.fkl / n, reverse_kl=self.rkl / n)
+        nonfinite = int(self.nonfinite)
+        out = {"eval_tokens": int(self.n), "nonfinite_positions": nonfinite, "nonfinite_metrics": []}
+        if nonfinite:
+            out.update(dict.fromkeys(LIKELIHOOD_KEYS))
+            out["nonfinite_metrics"] += LIKELIHOOD_KEYS
         else:
-            out.update(top1_agreement=None, forward_kl=None, reverse_kl=None)
+            out.update(eval_ce=self.ce / n, perplexity=math.exp(min(self.ce / n, 50.0)),
+                       top1_accuracy=self.correct / n, ece=ece_from_bins(self.bins))
+        out.update(dict.fromkeys(FIDELITY_KEYS))
+        if with_teacher and (nonfinite or not teacher_finite):
+            out["nonfinite_metrics"] += FIDELITY_KEYS
+        elif with_teacher:
+            out.update(top1_agreement=self.agree / n, forward_kl=self.fkl / n, reverse_kl=self.rkl / n)
         return out
+
+
+def finite_rows(logits: Tensor) -> Tensor:
+    """Whether each row of ``logits`` (n, V) is free of NaN and infinity: (n,) bool.
+
+    One reduction over the chunk: a float64 sum is NaN or infinite exactly when a term is (float32
+    terms cannot overflow it)."""
+    return torch.isfinite(logits.sum(-1, dtype=torch.float64))
 
 
 @torch.inference_mode()
@@ -352,7 +386,8 @@ def likelihood_metrics(models: dict[str, nn.Module], dataset, *, teacher: Option
                        batch_size: int, pad_token_id: int, device, progress: bool = False) -> dict[str, dict]:
     """CE, perplexity, top-1 accuracy, ECE and (against ``models[teacher]``) agreement and KLs,
     per supervised token of ``dataset`` (rows with ``input_ids`` / ``labels``), for every model in
-    one pass: each batch runs every model once and the teacher's logits are shared."""
+    one pass: each batch runs every model once and the teacher's logits are shared. Non-finite
+    logits are counted per model (``nonfinite_positions``) and make its metrics None (``_Sums.metrics``)."""
     from tqdm.auto import tqdm
 
     sums = {name: _Sums() for name in models}
@@ -370,8 +405,10 @@ def likelihood_metrics(models: dict[str, nn.Module], dataset, *, teacher: Option
             t_logits = chunk[teacher][1] if teacher is not None else None
             for name, (_, logits) in chunk.items():
                 reference = t_logits if name != teacher else None
-                sums[name].add(logits, targets[rows_slice], reference)
-    return {name: s.metrics(with_teacher=teacher is not None and name != teacher) for name, s in sums.items()}
+                sums[name].add(logits, targets[rows_slice], reference, finite_rows(logits))
+    teacher_finite = teacher is None or int(sums[teacher].nonfinite) == 0
+    return {name: s.metrics(with_teacher=teacher is not None and name != teacher, teacher_finite=teacher_finite)
+            for name, s in sums.items()}
 
 
 @torch.inference_mode()
@@ -417,17 +454,44 @@ def _generation_config(max_new_tokens: int, *, pad_token_id: int, eos_token_id: 
                             eos_token_id=eos_token_id)
 
 
+class NonFiniteGuard:
+    """A logits processor for ``generate``: a row of scores with no distribution in it (a NaN, +inf,
+    or nothing above -inf) is replaced by zeros (uniform) so that sampling goes on, and counted.
+    Without it ``torch.multinomial`` raises on CPU and fails a device-side assert on CUDA. Rows that
+    are fine pass unchanged, so the guard never changes what a healthy model samples."""
+
+    def __init__(self):
+        self.rows: int | Tensor = 0  # replaced rows, on the device until ``fired`` reads it
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        bad = ~torch.isfinite(scores.amax(-1))  # (B,) amax propagates NaN
+        self.rows = self.rows + bad.sum()
+        return torch.where(bad[:, None], torch.zeros_like(scores), scores)  # (B, V)
+
+    def fired(self) -> bool:
+        return int(self.rows) > 0
+
+
+def _processors(guard: Optional[NonFiniteGuard]):
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([guard] if guard is not None else [])
+
+
 @torch.inference_mode()
 def sample_completions(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-                       seed: int, pad_token_id: int, eos_token_id: int, device) -> list[tuple[list[int], bool]]:
+                       seed: int, pad_token_id: int, eos_token_id: int, device,
+                       guard: Optional[NonFiniteGuard] = None) -> list[tuple[list[int], bool]]:
     """One sampled completion per prompt: (token ids before the first EOS, whether EOS was sampled).
-    The RNG is seeded once, so every model draws from the same random stream."""
+    The RNG is seeded once, so every model draws from the same random stream. With ``guard``,
+    non-finite score rows are replaced and counted there (``guard.fired()``: discard the samples)."""
     torch.manual_seed(seed)
     config = _generation_config(max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = _left_pad(prompts[start:start + batch_size], pad_token_id, device)
-        new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=_processors(guard))[:, ids.shape[1]:]
         for row in new.tolist():
             ended = eos_token_id in row
             out.append((row[:row.index(eos_token_id)] if ended else row, ended))
@@ -436,17 +500,18 @@ def sample_completions(model: nn.Module, prompts: Sequence[Sequence[int]], *, ma
 
 @torch.inference_mode()
 def measure_speed(model: nn.Module, prompts: Sequence[Sequence[int]], dataset, *, max_new_tokens: int,
-                  batch_size: int, pad_token_id: int, eos_token_id: int, device, seed: int = 0) -> dict:
+                  batch_size: int, pad_token_id: int, eos_token_id: int, device, seed: int = 0,
+                  guard: Optional[NonFiniteGuard] = None) -> dict:
     """Tokens per second: sampling at batch 1 (median over up to 3 prompts) and at ``batch_size``
     (left padding; EOS suppressed so exactly ``max_new_tokens`` are made per row), and a full
     forward pass over ``batch_size`` data blocks (median of at least 3 repetitions). Each is timed
-    after a warm-up call."""
+    after a warm-up call. ``guard`` as in ``sample_completions``."""
     torch.manual_seed(seed)
     gen = _generation_config(max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id, exact=True)
 
     def generate(rows):
         ids, mask = _left_pad(rows, pad_token_id, device)
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, logits_processor=_processors(guard))
         return len(rows) * max_new_tokens
 
     def timed(fn, *args):
@@ -542,8 +607,11 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     likelihood metrics; prompts come from the same documents (``extract_prompts``).
 
     Returns ``{"data", "settings", "models": {name: metrics}, "samples": [{"prompt", "source",
-    "completions": {name: text}}], "machine"}``, JSON-serializable; metrics that do not apply are
-    None. Raises UserError for bad arguments, missing models or data, mismatched tokenizers.
+    "completions": {name: text}}], "machine"}``, JSON-serializable, with no NaN or infinity in it:
+    metrics that do not apply are None, and so are those that non-finite outputs made meaningless
+    (each model's ``status`` and ``nonfinite_metrics`` say which; see the module docstring). A model
+    with non-finite outputs is a result, not an error: it is reported, not raised. Raises UserError
+    for bad arguments, missing models or data, mismatched tokenizers.
     """
     from distill import models as loading
     from distill.data.sources import DataError
@@ -583,7 +651,8 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                              max_examples=max_examples, cache_dir=_data_cache_dir())
     if len(dataset) == 0:
         raise DataError(f"{data}: no complete block of {max_length} tokens; lower --max-length or add data")
-    results = {name: {"path": str(paths[name]), "params": sum(p.numel() for p in m.parameters()),
+    results = {name: {"path": str(paths[name]), "status": "ok", "finite": True,  # both set at the end
+                      "params": sum(p.numel() for p in m.parameters()),
                       "size_bytes": weights_size(paths[name])} for name, m in loaded.items()}
     for r in results.values():
         r["size_mb"] = r["size_bytes"] / 1e6
@@ -604,38 +673,79 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                                         seed=seed, max_prompt_tokens=budget)
     prompt_ids = [p.ids for p in prompts]
     samples = [{"prompt": p.text, "source": p.source, "completions": {}} for p in prompts]
+    # What was non-finite (issues) and what that left uncomputed (skipped), per model, for `status`.
+    issues = {name: [] for name in loaded}
+    skipped = {name: [] for name in loaded}
+    for name, r in results.items():
+        if r["nonfinite_positions"]:
+            issues[name].append(f"non-finite outputs at {r['nonfinite_positions']} of {r['eval_tokens']} positions")
+    teacher_finite = reference is None or not issues[reference]
     for name, model in loaded.items():
+        r = results[name]
         gen = {"teacher_nll": None, "valid_python": None, "distinct_1": None, "distinct_2": None,
                "completion_tokens": 0}
-        if prompts:
+        applies = [k for k in GENERATION_KEYS if (k != "teacher_nll" or reference is not None)
+                   and (k != "valid_python" or mode == "python")] if prompts else []
+        sampled = False
+        if prompts and issues[name]:
+            skipped[name].append("generation and speed skipped" if speed else "generation skipped")
+            r["nonfinite_metrics"] += applies + (list(SPEED_KEYS) if speed else [])
+        elif prompts:
             if progress:
                 print(f"sampling {len(prompts)} completions from {name}", flush=True, file=_stderr())
+            guard = NonFiniteGuard()
             outs = sample_completions(model, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      seed=seed, pad_token_id=pad, eos_token_id=eos, device=device)
+                                      seed=seed, pad_token_id=pad, eos_token_id=eos, device=device, guard=guard)
+            sampled = not guard.fired()
+            if not sampled:  # the samples came partly from replaced rows: not the model's
+                issues[name].append("non-finite outputs while sampling")
+                skipped[name].append("generation metrics not computed")
+                r["nonfinite_metrics"] += applies
+        if sampled:
             texts = [_completion_text(tokenizer, p.ids, ids) for p, (ids, _) in zip(prompts, outs)]
             for sample, text in zip(samples, texts):
                 sample["completions"][name] = text
             token_lists = [ids for ids, _ in outs]
             gen.update(distinct_1=distinct_n(token_lists, 1), distinct_2=distinct_n(token_lists, 2),
                        completion_tokens=sum(len(t) for t in token_lists))
-            if reference is not None:
+            if reference is not None and teacher_finite:
                 scored = [ids + [eos] if ended else ids for ids, ended in outs]  # a sampled EOS is scored too
                 total, count = teacher_nll(loaded[reference], prompt_ids, scored, vocab_size=vocab_size,
                                            pad_token_id=pad, batch_size=batch_size, device=device)
-                gen["teacher_nll"] = total / count if count else None
+                if math.isfinite(total):
+                    gen["teacher_nll"] = total / count if count else None
+                else:  # finite on the data, not on these completions
+                    if "non-finite outputs while scoring completions" not in issues[reference]:
+                        issues[reference].append("non-finite outputs while scoring completions")
+                    skipped[name].append("teacher NLL not computed: the teacher's outputs are non-finite")
+                    r["nonfinite_metrics"].append("teacher_nll")
+            elif reference is not None:
+                r["nonfinite_metrics"].append("teacher_nll")
             if mode == "python":
                 gen["valid_python"] = sum(completion_is_valid_python(p.text, t)
                                           for p, t in zip(prompts, texts)) / len(prompts)
-        results[name].update(gen)
-        if speed and prompts:
+        r.update(gen)
+        r.update(dict.fromkeys(SPEED_KEYS))
+        if speed and sampled:
             if progress:
                 print(f"timing {name}", flush=True, file=_stderr())
-            results[name].update(measure_speed(model, prompt_ids, dataset, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size, pad_token_id=pad, eos_token_id=eos,
-                                               device=device, seed=seed))
-        else:
-            results[name].update(generate_tokens_per_s_batch1=None, generate_tokens_per_s_batched=None,
-                                 forward_tokens_per_s=None)
+            guard = NonFiniteGuard()
+            timing = measure_speed(model, prompt_ids, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   pad_token_id=pad, eos_token_id=eos, device=device, seed=seed, guard=guard)
+            if guard.fired():
+                issues[name].append("non-finite outputs while timing generation")
+                skipped[name].append("generation speed not reported")
+                timing.update(generate_tokens_per_s_batch1=None, generate_tokens_per_s_batched=None)
+                r["nonfinite_metrics"] += ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched"]
+            r.update(timing)
+    if reference is not None and not teacher_finite:
+        skipped[reference].append("no model's fidelity to the teacher or teacher NLL is computed")
+        for name in loaded:
+            if name != reference and not issues[name]:
+                skipped[name].append("fidelity to the teacher not computed: the teacher's outputs are non-finite")
+    for name, r in results.items():
+        r["finite"] = not issues[name]
+        r["status"] = "; ".join(issues[name] + skipped[name]) or "ok"
 
     settings = {"teacher": teacher, "models": dict(models), "max_length": max_length, "max_examples": max_examples,
                 "num_prompts": num_prompts, "prompts_found": len(prompts), "prompt_mode": mode,

@@ -5,6 +5,12 @@ returns. The HTML has no external resources: CSS is inline, the plots are matplo
 as base64 ``data:`` URIs, there are no scripts, and text from models and data is HTML-escaped (with
 ``://`` written as ``&#58;//``, so even sample text holds no literal URL). Both files are written
 to a temporary name and renamed.
+
+``eval.json`` is strict JSON (no NaN or Infinity tokens). A model whose outputs were non-finite
+(``finite`` False in its results) is named in a warning at the top of the report and badged in the
+summary table; the cells of the metrics it lacks for that reason (``nonfinite_metrics``) read
+"non-finite" instead of a number, and the charts leave it out. ``nonfinite_warnings`` gives the
+same warning lines to the CLI.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from distill.errors import UserError
 TEACHER_COLOR = "#6b7280"
 PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#db2777", "#0891b2", "#ca8a04", "#4f46e5"]
 MAX_SAMPLES = 4
+NONFINITE = "non-finite"  # what a cell shows for a metric that NaN or infinite outputs left uncomputed
 
 # Rows of the summary table, in groups: (group title, metric keys). Labels and directions come
 # from distill.evaluate.METRICS.
@@ -51,7 +58,7 @@ def write_report(results: dict, out_dir, *, runs: dict[str, str] | None = None) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: read_run_metrics(path) for name, path in (runs or {}).items()}
-    json_path = _write_atomic(out / "eval.json", json.dumps(_finite(results), indent=2) + "\n")
+    json_path = _write_atomic(out / "eval.json", json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
     html_path = _write_atomic(out / "report.html", render_html(results, curves))
     return json_path, html_path
 
@@ -106,8 +113,10 @@ def model_colors(names) -> dict[str, str]:
 
 
 def format_value(key: str, value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—" if value is None else str(value)
+    if value is None:
+        return "—"
+    if isinstance(value, float) and not math.isfinite(value):
+        return NONFINITE
     if key == "params":
         return _si(value)
     if key == "size_mb":
@@ -121,6 +130,26 @@ def format_value(key: str, value) -> str:
     if key in ("distinct_1", "distinct_2"):
         return f"{value:.3f}"
     return f"{value:.4f}"
+
+
+def cell_text(metrics: dict, key: str) -> str:
+    """One model's ``key`` as a table shows it: NONFINITE for a metric its (or the teacher's)
+    non-finite outputs left uncomputed, "—" for one that does not apply, else the number."""
+    if key in metrics.get("nonfinite_metrics", ()):
+        return NONFINITE
+    return format_value(key, metrics.get(key))
+
+
+def shown_keys(results: dict, keys) -> list[str]:
+    """The metric keys some model has a value for, or lacks because of non-finite outputs."""
+    models = results["models"].values()
+    return [k for k in keys if any(m.get(k) is not None or k in m.get("nonfinite_metrics", ()) for m in models)]
+
+
+def nonfinite_warnings(results: dict) -> list[str]:
+    """One line per model whose outputs were non-finite: its name and its ``status``."""
+    return [f"model {name!r}: {m.get('status', 'non-finite outputs')}"
+            for name, m in results["models"].items() if m.get("finite") is False]
 
 
 def _si(n) -> str:
@@ -210,17 +239,17 @@ def speed_chart(results: dict, colors: dict[str, str]) -> Optional[str]:
     from matplotlib.figure import Figure
 
     keys = [("generate_tokens_per_s_batch1", "batch 1"), ("generate_tokens_per_s_batched", "batched")]
-    models = {n: m for n, m in results["models"].items() if m.get(keys[0][0]) is not None}
+    models = {n: m for n, m in results["models"].items() if all(_finite_number(m.get(k)) for k, _ in keys)}
     if not models:
         return None
     fig = Figure(figsize=(3.9, 2.7), layout="constrained")
     ax = fig.add_subplot()
     width = 0.38
     names = list(models)
-    top = max(models[n][k] or 0 for n in names for k, _ in keys) or 1.0
+    top = max(models[n][k] for n in names for k, _ in keys) or 1.0
     for j, (key, _) in enumerate(keys):
         xs = [i + (j - 0.5) * width for i in range(len(names))]
-        heights = [models[n][key] or 0 for n in names]
+        heights = [models[n][key] for n in names]
         bars = ax.bar(xs, heights, width=width * 0.94, color=[colors[n] for n in names],
                       alpha=0.55 if j == 0 else 1.0)
         for bar, h in zip(bars, heights):
@@ -334,6 +363,11 @@ dl.defs dd{margin:0;color:#4b5563}
 .kv td:first-child{color:#6b7280;white-space:nowrap;width:34%}
 h3{font-size:13.5px;margin:18px 0 6px;color:#111827}
 footer{color:#9ca3af;font-size:12px;margin-top:18px;text-align:center}
+section.alert{background:#fef2f2;border-color:#fecaca}
+section.alert h2{color:#991b1b}
+section.alert ul{margin:0;padding-left:20px;color:#7f1d1d}
+.badge{display:block;font-size:10.5px;font-weight:600;color:#b91c1c;text-transform:uppercase;letter-spacing:.05em}
+.summary td.nonfinite,.nf{color:#b91c1c;font-style:italic}
 """
 
 DEFINITIONS = [
@@ -377,6 +411,7 @@ def render_html(results: dict, curves: dict[str, list[dict]] | None = None) -> s
              f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
              f"<title>distill eval: {_esc(', '.join(names))}</title><style>{CSS}</style></head><body><main>",
              _header(results, names, colors),
+             _alert(results),
              _summary(results, names, colors),
              _charts(results, colors),
              _curves(curves, colors),
@@ -409,17 +444,33 @@ def _header(results: dict, names: list[str], colors: dict[str, str]) -> str:
             f"<div class='meta'><span class='chip'>models: {models}</span>{chip_html}</div></header>")
 
 
+def _nonfinite_models(results: dict) -> list[str]:
+    return [n for n, m in results["models"].items() if m.get("finite") is False]
+
+
+def _alert(results: dict) -> str:
+    bad = _nonfinite_models(results)
+    if not bad:
+        return ""
+    items = "".join(f"<li><b>{_esc(n)}</b>: {_esc(results['models'][n].get('status', ''))}</li>" for n in bad)
+    return (f"<section class='alert' id='non-finite'><h2>Non-finite outputs</h2><p class='note'>These models produced "
+            f"NaN or infinite logits. The metrics made from such outputs are not computed: their cells read "
+            f"<span class='nf'>{NONFINITE}</span>, and those bars are left out of the charts.</p><ul>{items}</ul></section>")
+
+
 def _summary(results: dict, names: list[str], colors: dict[str, str]) -> str:
     from distill.evaluate import METRICS
 
     models = results["models"]
+    bad = set(_nonfinite_models(results))
     head = "".join(
         f"<th class='{'ref' if n == 'teacher' else ''}'>"
         f"{'<span class=tag>reference</span>' if n == 'teacher' else ''}"
+        f"{f'<span class=badge>{NONFINITE}</span>' if n in bad else ''}"
         f"<span class='swatch' style='background:{colors[n]}'></span>{_esc(n)}</th>" for n in names)
     rows = []
     for title, keys in GROUPS:
-        keys = [k for k in keys if any(models[n].get(k) is not None for n in names)]
+        keys = shown_keys(results, keys)
         if not keys:
             continue
         rows.append(f"<tr class='group'><td colspan='{len(names) + 1}'>{_esc(title)}</td></tr>")
@@ -432,7 +483,10 @@ def _summary(results: dict, names: list[str], colors: dict[str, str]) -> str:
                 classes = ["ref"] if n == "teacher" else []
                 if n in best:
                     classes.append("best")
-                cells.append(f"<td class='{' '.join(classes)}'>{_esc(format_value(key, models[n].get(key)))}</td>")
+                text = cell_text(models[n], key)
+                if text == NONFINITE:
+                    classes.append("nonfinite")
+                cells.append(f"<td class='{' '.join(classes)}'>{_esc(text)}</td>")
             rows.append(f"<tr><td class='metric'>{_esc(label)}<span class='dir'>{arrow}</span>"
                         f"<span class='desc'>{_esc(desc)}</span></td>{''.join(cells)}</tr>")
     note = ("↓ lower is better, ↑ higher is better; the best student on each row is highlighted; the teacher "
@@ -450,10 +504,13 @@ def _charts(results: dict, colors: dict[str, str]) -> str:
     figures = "".join(f"<figure><img alt='chart' src='{src}'></figure>" for src in images if src)
     if not figures:
         return ""
+    bad = _nonfinite_models(results)
+    left_out = (f" Left out of the charts of the metrics they lack (non-finite outputs): {_esc(', '.join(bad))}."
+                if bad else "")
     return (f"<section><h2>Metrics side by side</h2><p class='note'>↓ lower is better, ↑ higher is better; "
             f"hatched bars: the teacher, for reference. Perplexity alone can misjudge an objective: a "
             f"mode-seeking (reverse-KL) student may lose on perplexity while writing text the teacher finds "
-            f"more plausible.</p>"
+            f"more plausible.{left_out}</p>"
             f"<div class='charts'>{figures}</div></section>")
 
 
@@ -488,9 +545,11 @@ def _samples(results: dict, names: list[str], colors: dict[str, str]) -> str:
                       f"<div class='prompt'><pre>{_esc(sample['prompt'])}</pre></div>"
                       f"<div class='completions'>{''.join(columns)}</div></div>")
     shown = min(len(samples), MAX_SAMPLES)
+    silent = [n for n in _nonfinite_models(results) if not any(n in s.get("completions", {}) for s in samples)]
+    silent_note = (f" No completions from {_esc(', '.join(silent))}: non-finite outputs." if silent else "")
     return (f"<section><h2>Samples</h2><p class='note'>{shown} of {len(samples)} prompts, each continued by every "
             f"model (one sample, temperature 1, seed {_esc(settings.get('seed', ''))}, at most "
-            f"{_esc(settings.get('max_new_tokens', ''))} tokens). All completions are in eval.json.</p>"
+            f"{_esc(settings.get('max_new_tokens', ''))} tokens). All completions are in eval.json.{silent_note}</p>"
             f"{''.join(blocks)}</section>")
 
 

@@ -144,3 +144,35 @@ def test_cli_eval_bad_run_dir_exits_2_before_evaluating(tmp_path, capsys):
     model.mkdir()
     assert main(["eval", "--data", "x.jsonl", "--model", f"a={model}", "--run", f"a={tmp_path / 'run'}"]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_report_and_table_mark_non_finite_models(tmp_path):
+    """A model marked non-finite (nulls, ``nonfinite_metrics``, a status) and a raw NaN or infinity
+    that slipped in: strict JSON, a warning naming the model, "non-finite" cells, charts that skip them."""
+    from distill.cli import _eval_table
+    from distill.report import NONFINITE
+
+    results = fake_results()
+    bad = results["models"]["baseline"]
+    lacking = ["eval_ce", "perplexity", "top1_accuracy", "ece", "top1_agreement", "forward_kl", "reverse_kl"]
+    bad.update(dict.fromkeys(lacking), finite=False, nonfinite_positions=4096, nonfinite_metrics=lacking,
+               status="non-finite outputs at 4096 of 4096 positions")
+    results["models"]["distilled <b>"].update(distinct_1=float("nan"), generate_tokens_per_s_batched=float("inf"))
+    json_path, html_path = write_report(results, tmp_path)
+
+    def refuse(token):
+        raise ValueError(token)
+    loaded = json.loads(json_path.read_text(), parse_constant=refuse)
+    assert loaded["models"]["distilled <b>"]["distinct_1"] is None and loaded["models"]["baseline"]["eval_ce"] is None
+    page = html_path.read_text()
+    assert_self_contained(page)
+    assert "id='non-finite'" in page and "<b>baseline</b>: non-finite outputs at 4096 of 4096 positions" in page
+    assert page.count(f"<td class='nonfinite'>{NONFINITE}</td>") == len(lacking) + 2  # + the raw NaN and inf
+    assert ">nan<" not in page.lower() and ">inf<" not in page.lower()
+    assert page.count("<img") >= 8  # every chart drawn: the speed chart skips the infinite model
+    assert best_models(results, "eval_ce") == set()  # one student left: nothing to choose between
+
+    lines = {line[:30].strip(): line[30:].split() for line in _eval_table(results).splitlines()[1:]}
+    assert lines["eval cross-entropy"] == ["2.0000", NONFINITE, "2.4000"]
+    assert lines["top-1 agreement with teacher"] == ["—", NONFINITE, "70.0%"]
+    assert lines["distinct-1"] == ["0.400", "0.400", NONFINITE]
