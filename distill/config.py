@@ -106,6 +106,8 @@ class TrainConfig:
     schedule_steps: Optional[int] = None  # length of the LR schedule; default: the run's steps (set it to stop early)
     min_lr_ratio: float = 0.0  # cosine/linear decay floor as a fraction of lr
     max_grad_norm: float = 1.0  # 0 disables clipping
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf in teacher targets, loss or gradients: end the run, or drop the step
+    max_skipped_steps: int = 5  # nonfinite=skip: stop when this many optimizer steps in a row are non-finite
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
@@ -255,6 +257,7 @@ def validate(c: Config) -> None:
     _check(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
     _check(t.schedule_steps is None or t.schedule_steps > 0, "train.schedule_steps must be > 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+    _check(t.max_skipped_steps > 0, "train.max_skipped_steps must be > 0")
     for name in ("eval_every", "save_every"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.log_every > 0 and t.keep_checkpoints > 0, "train.log_every and train.keep_checkpoints must be > 0")

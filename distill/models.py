@@ -111,6 +111,23 @@ def _tied_keys(model: nn.Module) -> set:
     return set(keys)
 
 
+def check_finite(model: nn.Module, what: str) -> nn.Module:
+    """Refuse a model with NaN or inf in its parameters or buffers (UserError naming the tensors).
+
+    A damaged file or one saved after a diverged run would otherwise make every target or loss
+    NaN, and training would carry on without a word."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} inf of {tensor.numel()})")
+    if bad:
+        more = f" and {len(bad) - 2} more tensors" if len(bad) > 2 else ""
+        raise UserError(f"{what} has non-finite weights: {', '.join(bad[:2])}{more}; the checkpoint is damaged or "
+                        "was saved from a diverged run")
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from distill.config import Config, load_config, save_config
 from distill.data import collate, load_tokenized
 from distill.errors import UserError
+from distill import faults
 from distill.losses import (DEFAULT_CHUNK_SIZE, SparseTargets, check_tokenizers_compatible, chunk_slices,
                             chunked_kd_loss, cross_entropy, forward_kl, get_divergence, kd_loss, shared_vocab_size,
                             slice_vocab, sparse_kd_loss)
@@ -38,9 +38,11 @@ from distill import models
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"max_steps", "schedule_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
-                     "keep_checkpoints", "progress", "tracker"}
-# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step.
-KILL_AFTER_STEP = int(os.environ.get("DISTILL_TEST_KILL_AFTER_STEP", "0"))
+                     "keep_checkpoints", "progress", "tracker", "nonfinite", "max_skipped_steps"}
+
+
+class NonFiniteError(UserError):
+    """A NaN or inf in the teacher's targets, the student's loss or the gradients (train.nonfinite)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,10 +118,17 @@ class LossSettings:
     sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
 
 
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool, no host sync: ``x`` holds no NaN and no +inf (−inf is log 0: an empty target slot)."""
+    return ~(torch.isnan(x) | torch.isposinf(x)).any()
+
+
 def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: dict, s: LossSettings,
                      targets: Optional[SparseTargets] = None):
-    """LossParts (sums) for one micro-batch; the teacher runs under no_grad. With ``targets`` (a
-    cache's, one row per supervised position in ``mask`` order) there is no teacher model."""
+    """(LossParts (sums), teacher_ok) for one micro-batch; the teacher runs under no_grad. With
+    ``targets`` (a cache's, one row per supervised position in ``mask`` order) there is no teacher
+    model. ``teacher_ok`` is a 0-dim bool tensor saying the teacher's signal (its hidden states,
+    logits or the cache's log-probabilities) is finite, or None without a teacher."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != -100
     common = dict(divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
@@ -128,26 +137,30 @@ def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: di
     if s.chunk_size:
         hidden = student(**inputs)[:, :-1][mask]  # (N, d): supervised positions only
         head = _unwrap(student).model.get_output_embeddings()
-        teacher_args = {}
+        teacher_args, teacher_ok = {}, None
         if targets is not None:
             teacher_args = dict(teacher_targets=targets, sparse_mode=s.sparse_mode)
+            teacher_ok = finite(targets.logprobs) & finite(targets.log_tail)
         elif teacher is not None:
             with torch.no_grad():
                 t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
-            t_head = teacher.get_output_embeddings()
+            t_head = teacher.get_output_embeddings()  # its weights were checked when it was loaded
             teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+            teacher_ok = torch.isfinite(t_hidden).all()
         return chunked_kd_loss(hidden, head.weight, labels[mask], student_bias=head.bias, vocab_size=s.vocab_size,
-                               chunk_size=s.chunk_size, **teacher_args, **common)
+                               chunk_size=s.chunk_size, **teacher_args, **common), teacher_ok
     # Dense: full logits, but the loss only on the supervised rows (no work on prompts or padding).
     logits = slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size)  # (N, V)
     if targets is not None:
-        return sparse_kd_loss(logits, targets, labels[mask], mode=s.sparse_mode, temperature=s.temperature,
-                              scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight)
-    t_logits = None
+        return (sparse_kd_loss(logits, targets, labels[mask], mode=s.sparse_mode, temperature=s.temperature,
+                               scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight),
+                finite(targets.logprobs) & finite(targets.log_tail))
+    t_logits, teacher_ok = None, None
     if teacher is not None:
         with torch.no_grad():
             t_logits = slice_vocab(teacher(**inputs).logits[:, :-1][mask], s.vocab_size)  # (N, V)
-    return kd_loss(logits, t_logits, labels[mask], **common)
+        teacher_ok = finite(t_logits)
+    return kd_loss(logits, t_logits, labels[mask], **common), teacher_ok
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -158,11 +171,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch_size: int, pad_token_id: int,
              s: LossSettings, accelerator: Accelerator) -> dict:
     """Student CE / perplexity on held-out data and, with a teacher, fidelity to it: forward KL and
-    the training divergence at temperature 1, and top-1 agreement. Sums are reduced over processes."""
+    the training divergence at temperature 1, and top-1 agreement. Sums are reduced over processes.
+    Positions where the student's or the teacher's logits are non-finite are left out of every sum
+    and counted in ``eval/nonfinite_positions`` (present only when there are any)."""
     student.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     div = get_divergence(s.divergence)
-    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree
+    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree, non-finite
     head = _unwrap(student).model.get_output_embeddings()
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     indices = list(range(rank, len(dataset), world))
@@ -178,25 +193,35 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
         for rows in chunk_slices(targets.numel(), s.chunk_size or DEFAULT_CHUNK_SIZE):  # never all (N, V) logits
             with accelerator.autocast():
                 logits = slice_vocab(head(hidden[rows]), s.vocab_size).float()  # (n, V)
-            sums[0] += cross_entropy(logits, targets[rows]).double().sum()
-            sums[1] += logits.shape[0]
+            ok = torch.isfinite(logits).all(-1)  # (n,)
             if teacher is not None:
                 with accelerator.autocast():
                     t_logits = slice_vocab(t_head(t_hidden[rows]), s.vocab_size).float()  # (n, V)
-                sums[2] += forward_kl(logits, t_logits).double().sum()
-                sums[3] += div(logits, t_logits, **s.divergence_kwargs).double().sum()
-                sums[4] += (logits.argmax(-1) == t_logits.argmax(-1)).double().sum()
+                ok &= ~(torch.isnan(t_logits) | torch.isposinf(t_logits)).any(-1)
+            sums[0] += torch.where(ok, cross_entropy(logits, targets[rows]), 0.0).double().sum()
+            sums[1] += ok.sum()
+            sums[5] += (~ok).sum()
+            if teacher is not None:
+                sums[2] += torch.where(ok, forward_kl(logits, t_logits), 0.0).double().sum()
+                sums[3] += torch.where(ok, div(logits, t_logits, **s.divergence_kwargs), 0.0).double().sum()
+                sums[4] += ((logits.argmax(-1) == t_logits.argmax(-1)) & ok).double().sum()
     student.train()
-    ce, n, fkl, dv, agree = accelerator.reduce(sums, reduction="sum").tolist()
-    n = max(n, 1.0)
-    result = {"eval/ce": ce / n, "eval/ppl": math.exp(min(ce / n, 50.0)), "eval/tokens": int(n)}
+    ce, n, fkl, dv, agree, bad = accelerator.reduce(sums, reduction="sum").tolist()
+    per = (lambda x: x / n) if n else (lambda x: None)  # no finite position: no number to report
+    result = {"eval/ce": per(ce), "eval/ppl": math.exp(min(ce / n, 50.0)) if n else None, "eval/tokens": int(n)}
     if teacher is not None:
-        result.update({"eval/forward_kl": fkl / n, f"eval/{s.divergence}": dv / n, "eval/top1_agreement": agree / n})
+        result.update({"eval/forward_kl": per(fkl), f"eval/{s.divergence}": per(dv), "eval/top1_agreement": per(agree)})
+    if bad:
+        result["eval/nonfinite_positions"] = int(bad)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and metrics: written to a temporary name and renamed when complete
+# Checkpoints, metrics and the student: written to a temporary name and renamed when complete.
+# A checkpoint is complete once its last file, trainer_state.json, is written (after every process
+# has saved its part), and counts once it is renamed to step-N; a folder is removed by renaming it
+# to .trash-* first. So a kill at any moment leaves whole checkpoints, never a half folder named
+# step-N, plus leftovers that `clean_leftovers` removes or (a complete temporary one) renames in.
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -205,21 +230,94 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def clean_leftovers(out: Path, keep: int) -> None:
+    """Finish or undo what a killed run left: a complete temporary checkpoint is renamed into place,
+    incomplete and trashed ones and a temporary student are removed, and checkpoints past the newest
+    ``keep`` are discarded."""
+    for tmp in (out / "checkpoints").glob(".tmp-step-*"):
+        final = tmp.with_name(tmp.name[len(".tmp-"):])
+        if (tmp / "trainer_state.json").is_file() and not final.exists():
+            os.replace(tmp, final)  # killed between removing the oldest checkpoint and renaming this one in
+    for leftover in [*(out / "checkpoints").glob(".tmp-step-*"), *(out / "checkpoints").glob(".trash-*"),
+                     out / ".tmp-student", out / ".trash-student"]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in checkpoints(out)[:-keep]:
+        _discard(old)
+
+
+def _discard(path: Path) -> None:
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)  # atomic: the folder stops counting before any file of it is deleted
+    shutil.rmtree(trash)
+
+
+def write_failure(what: str, path: Path, error: Exception) -> Optional[UserError]:
+    """A UserError for a write that failed because of the disk (full, read-only, over a file-size
+    limit, permissions), or None for any other exception (a bug, which keeps its traceback)."""
+    if not isinstance(error, OSError):
+        text = str(error)  # safetensors and torch.save report I/O failures in their own exception types
+        if not any(hint in text for hint in ("os error", "Errno", "write failed", "No space", "too large",
+                                             "Read-only", "Permission denied")):
+            return None
+    reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+    return UserError(f"could not write {what} to {path}: {reason}")
+
+
 def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int) -> Path:
     final = out / "checkpoints" / f"step-{state['step']:08d}"
     tmp = out / "checkpoints" / f".tmp-step-{state['step']:08d}"
+    previous = checkpoints(out)
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
+    try:
+        accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
+        faults.point("checkpoint")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))  # the completion marker, last
+            # Never more than `keep` step-N folders: the oldest goes before the new one comes in, as long
+            # as a whole one stays (keep >= 2); with keep 1 the old one goes only after the new one is in.
+            done = [p for p in previous if p != final]
+            for old in done[:max(0, len(done) - keep + 1)] if keep > 1 else []:
+                _discard(old)
+            faults.point("rotate")
+            if final.exists():
+                _discard(final)
+            os.replace(tmp, final)
+            for old in checkpoints(out)[:-keep]:
+                _discard(old)
+    except Exception as e:
+        failure = write_failure(f"checkpoint {final.name}", final.parent, e)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no checkpoint was saved yet"
+        raise UserError(f"{failure}; {kept}. Free space (or fix the folder's permissions) and run the same "
+                        "command again to resume") from None
     accelerator.wait_for_everyone()
+    return final
+
+
+def save_student(model: nn.Module, tokenizer, out: Path) -> Path:
+    """The student in standard Hugging Face format in ``out/student``, written whole or not at all."""
+    final, tmp = out / "student", out / ".tmp-student"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        faults.point("student")
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+    except Exception as e:
+        failure = write_failure("the student", final, e)
+        if failure is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{failure}; the last checkpoint holds the trained weights: free space and run the same "
+                        "command again to write it") from None
     return final
 
 
@@ -245,8 +343,10 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            line = json.dumps(record) + "\n"
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                faults.point("metrics", before=lambda: (f.write(line[:len(line) // 2]), f.flush()))
+                f.write(line)
                 f.flush()
 
 
@@ -266,6 +366,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                               mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
                               log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
     main = accelerator.is_main_process
+    if main and out.is_dir():
+        clean_leftovers(out, t.keep_checkpoints)
+    accelerator.wait_for_everyone()
     resume_from = checkpoints(out)[-1] if checkpoints(out) else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,11 +385,13 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype(config),
                                         revision=config.teacher.revision,
                                         trust_remote_code=config.teacher.trust_remote_code)
-        models.freeze(teacher)
+        models.freeze(models.check_finite(teacher, f"the teacher {config.teacher.model}"))
     vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
     if config.student.model:
-        student = models.load_causal_lm(config.student.model, revision=config.student.revision,
-                                        trust_remote_code=config.student.trust_remote_code)
+        student = models.check_finite(
+            models.load_causal_lm(config.student.model, revision=config.student.revision,
+                                  trust_remote_code=config.student.trust_remote_code),
+            f"the student {config.student.model}")
     elif config.student.config is not None:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:
@@ -337,10 +442,11 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # Resume.
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
-    state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0]}  # loss, kd, ce, tokens, steps since last log
+    state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0],  # loss, kd, ce, tokens, steps since last log
+             "skipped_steps": 0, "consecutive_skips": 0}  # steps dropped for non-finite values (train.nonfinite)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
+        state = {**state, **json.loads((resume_from / "trainer_state.json").read_text())}
         metrics.truncate_after(state["step"])
         accelerator.print(f"resuming from {resume_from} (step {state['step']} of {max_steps})")
     if main and t.tracker != "none":
@@ -369,45 +475,76 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
             n_global = accelerator.reduce(local.to(accelerator.device), reduction="sum").item()
             step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce
+            # 1 where a micro-batch's teacher signal / student loss is non-finite; checked once per step.
+            bad = torch.zeros(world, len(batches), 2, dtype=torch.float64, device=accelerator.device)
             for m, batch in enumerate(batches):
                 # DDP averages gradients over processes, so multiply by world to divide by n_global once.
                 sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        parts = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch, settings,
-                                                 targets[m])
+                        parts, teacher_ok = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch,
+                                                             settings, targets[m])
                     accelerator.backward(parts.loss * (world / max(n_global, 1)))
+                if teacher_ok is not None:
+                    bad[rank, m, 0] = (~teacher_ok).double()
+                bad[rank, m, 1] = (~torch.isfinite(parts.loss.detach())).double()
                 step_sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            # fp16's loss scaler finds and skips overflowing gradients itself: not an error.
+            grad_bad = (~torch.isfinite(grad_norm)).double().view(1) * (accelerator.scaler is None) / world
+            reduced = accelerator.reduce(torch.cat([step_sums, grad_bad, bad.flatten()]), reduction="sum").tolist()
+            problem = nonfinite_problem(reduced[3] > 0, torch.tensor(reduced[4:]).view(world, len(batches), 2),
+                                        lambda r, m: batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,
+                                                                   accum=t.grad_accum_steps, world=world, rank=r,
+                                                                   seed=t.seed))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            if problem is None:
+                optimizer.step()
+                scheduler.step()
+                state["consecutive_skips"] = 0
+            else:  # nothing of this step reaches the parameters, the optimizer state or the schedule
+                state["consecutive_skips"] += 1
+                where = f"step {step + 1}: {problem}"
+                if t.nonfinite == "stop":
+                    progress.close()
+                    raise NonFiniteError(f"{where}; {_nothing_saved(out)}; set train.nonfinite=skip to skip such "
+                                         "steps, and run the same command again to resume")
+                if state["consecutive_skips"] >= t.max_skipped_steps:
+                    progress.close()
+                    raise NonFiniteError(f"{state['consecutive_skips']} optimizer steps in a row were non-finite "
+                                         f"(train.max_skipped_steps={t.max_skipped_steps}), the last at {where}; "
+                                         f"{_nothing_saved(out)}")
+                state["skipped_steps"] += 1
+                if accelerator.scaler is not None:
+                    accelerator.scaler.update()  # its unscale of this step must be closed
+                progress.write(f"skipped {where}")
             optimizer.zero_grad(set_to_none=True)
 
-            step_sums = accelerator.reduce(step_sums, reduction="sum")
             state["step"] = step = step + 1
-            state["window"] = [w + v for w, v in zip(state["window"], [*step_sums.tolist(), n_global, 1])]
+            if problem is None:
+                state["window"] = [w + v for w, v in zip(state["window"], [*reduced[:3], n_global, 1])]
             tokens_seen += sum(b["attention_mask"].sum().item() for b in batches) * world
             progress.update(1)
             if step % t.log_every == 0 or step == max_steps:
                 loss_sum, kd_sum, ce_sum, n_tok, n_steps = state["window"]
                 elapsed = time.perf_counter() - tic
-                record = {"step": step, "loss": loss_sum / max(n_tok, 1), "kd": kd_sum / max(n_tok, 1),
-                          "kd_scaled": kd_sum / max(n_tok, 1) * (L.temperature ** 2 if L.scale_by_tau2 else 1.0),
-                          "ce": ce_sum / max(n_tok, 1), "lr": lr, "grad_norm": float(grad_norm),
-                          "supervised_tokens": int(n_tok), "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                per = (lambda x: x / n_tok) if n_tok else (lambda x: None)  # None: every step of the window skipped
+                record = {"step": step, "loss": per(loss_sum), "kd": per(kd_sum),
+                          "kd_scaled": per(kd_sum * (L.temperature ** 2 if L.scale_by_tau2 else 1.0)),
+                          "ce": per(ce_sum), "lr": lr, "grad_norm": _number(grad_norm),
+                          "supervised_tokens": int(n_tok), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                          "skipped_steps": state["skipped_steps"]}
                 metrics.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(loss=_show(record["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 state["window"] = [0.0, 0.0, 0.0, 0.0, 0.0]
                 tic, tokens_seen = time.perf_counter(), 0
             if eval_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
                 eval_result = evaluate(model, teacher, eval_set, **eval_args)
                 metrics.write({"step": step, **eval_result})
                 accelerator.log(eval_result, step=step)
-                progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in eval_result.items()))
-            if step == KILL_AFTER_STEP:
-                os.kill(os.getpid(), signal.SIGKILL)
+                progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {_show(v)}" for k, v in eval_result.items()))
+            faults.point("step")
             if (t.save_every and step % t.save_every == 0) or step == max_steps:
                 save_checkpoint(accelerator, out, state, t.keep_checkpoints)
     except KeyboardInterrupt:
@@ -421,15 +558,45 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     # The student in standard Hugging Face format, written whole or not at all.
     final = out / "student"
     if main:
-        tmp = out / ".tmp-student"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        save_student(accelerator.unwrap_model(model).model, tokenizer, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": state["step"], "output_dir": str(out), "student": str(final), **eval_result}
+
+
+def nonfinite_problem(grad_bad: bool, bad, indices_of) -> Optional[str]:
+    """What went non-finite in one optimizer step, or None: ``bad`` (world, micro-batches, 2) flags the
+    teacher's signal and the student's loss of each micro-batch; ``indices_of(rank, micro)`` gives its
+    dataset indices (the batch order is a pure function, so any process can name any micro-batch)."""
+    for column, what, hint in ((0, "non-finite teacher targets", "the teacher's outputs on these examples are "
+                                "NaN or inf (float16 overflows easily: try teacher.dtype=bfloat16)"),
+                               (1, "non-finite student loss", "the student's weights or activations overflowed "
+                                "(lower train.lr, keep train.max_grad_norm on, prefer bf16 to fp16)")):
+        flagged = [(r, m) for r in range(bad.shape[0]) for m in range(bad.shape[1]) if bad[r, m, column] > 0]
+        if flagged:
+            examples = sorted(i for r, m in flagged for i in indices_of(r, m))
+            shown = ", ".join(map(str, examples[:8])) + (", ..." if len(examples) > 8 else "")
+            micro = ", ".join(str(m + 1) for m in sorted({m for _, m in flagged}))
+            return f"{what} in micro-batch {micro} of {bad.shape[1]} (training examples {shown}): {hint}"
+    if grad_bad:
+        return ("non-finite gradients (the loss is finite but its gradient norm is NaN or inf): lower train.lr "
+                "or keep train.max_grad_norm on")
+    return None
+
+
+def _nothing_saved(out: Path) -> str:
+    done = checkpoints(out)
+    newest = f"the newest checkpoint is {done[-1].name}" if done else "no checkpoint was saved"
+    return f"nothing was saved from this step ({newest}, no student/ was written)"
+
+
+def _number(x) -> Optional[float]:
+    value = float(x)
+    return value if math.isfinite(value) else None  # metrics.jsonl stays strict JSON
+
+
+def _show(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def load_run_tokenizer(config: Config):

@@ -21,3 +21,29 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, launcher: l
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def poison_teacher(src: Path, dst: Path, token_id: int) -> Path:
+    """A copy of the Llama at ``src`` whose weights are all finite but whose activations overflow
+    float32 (inf, then NaN) in every sequence that holds ``token_id``, and in no other.
+
+    Dimension 0 of the residual stream is made to carry only ``token_id``'s embedding (no other
+    token and no attention output writes it); one MLP unit of layer 0 reads it with weight 1e20 in
+    both its gate and up projections, so their product (about 1e40) is inf exactly there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight  # (V, d)
+        embed[:, 0] = 0.0
+        embed[token_id, 0] = 1.0
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight[0, :] = 0.0  # attention never writes dimension 0
+        layer.post_attention_layernorm.weight[0] = 1.0
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight[0, :] = 0.0
+            proj.weight[0, 0] = 1e20
+    model.save_pretrained(dst)
+    return dst

@@ -82,7 +82,7 @@ def test_manifest_records_what_the_cache_holds(caches):
 
 def test_killed_mid_write_and_rerun_gives_the_same_files(workspace, caches, tmp_path):
     settings = {"dir": str(tmp_path / "resumed"), **SMALL}
-    result = run("cache", tmp_path, workspace, "resumed", env={"DISTILL_TEST_KILL_AFTER_SHARD": "1"}, cache=settings)
+    result = run("cache", tmp_path, workspace, "resumed", env={"DISTILL_TEST_KILL_AT": "shard-done:2"}, cache=settings)
     assert result.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [
         "manifest.partial.json", "shard-00000.parquet", "shard-00001.parquet"]

@@ -101,7 +101,7 @@ def test_killed_run_resumes_exactly(workspace, tmp_path):
     result, straight = train_cli(tmp_path, workspace, "straight", **common)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    result, resumed = train_cli(tmp_path, workspace, "resumed", env={"DISTILL_TEST_KILL_AFTER_STEP": "5"}, **common)
+    result, resumed = train_cli(tmp_path, workspace, "resumed", env={"DISTILL_TEST_KILL_AT": "step:5"}, **common)
     assert result.returncode == -signal.SIGKILL
     assert [p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
     assert max(m["step"] for m in read_metrics(resumed / "metrics.jsonl")) == 5  # logged past the checkpoint

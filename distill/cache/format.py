@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from distill import faults
 from distill.errors import UserError
 
 FORMAT = "distill-teacher-cache"
@@ -168,6 +169,7 @@ def write_shard(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.parquet")
     pq.write_table(table, tmp, compression="zstd", use_dictionary=False, row_group_size=ROW_GROUP_SIZE,
                    write_statistics=False)
+    faults.point("shard")
     os.replace(tmp, path)
 
 
@@ -200,9 +202,12 @@ def verify_shard(folder: Path, info: dict) -> None:
         raise CacheError(f"cache shard {path} is corrupt (sha256 checksum mismatch){hint}")
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict, fault: str = "") -> None:
+    """``data`` as JSON at ``path``: a temporary name, then a rename (``fault``: a kill-test point)."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if fault:
+        faults.point(fault)
     os.replace(tmp, path)
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -27,11 +27,10 @@ from torch import nn
 from distill.cache.format import (FORMAT, MANIFEST, PARTIAL, ROW_GROUP_SIZE, VERSION, CacheError, data_fingerprint,
                                   encode, id_bytes, read_manifest, shard_info, shard_name, value_encoding,
                                   verify_shard, weights_sha256, write_json, write_shard)
+from distill import faults
 from distill.errors import ConfigError
 from distill.losses import SparseTargets, chunk_slices, sampled_targets, slice_vocab, topk_targets
 
-# Fault injection for the resume tests: the process SIGKILLs itself right after writing this shard.
-KILL_AFTER_SHARD = int(os.environ.get("DISTILL_TEST_KILL_AFTER_SHARD", "-1"))
 DEFAULT_K = 64
 DEFAULT_SAMPLES = 64
 TARGET_CHUNK = 256  # rows of teacher logits alive at once (the same bound as the chunked loss)
@@ -54,6 +53,8 @@ def teacher_targets(teacher: nn.Module, inputs: dict, mask: torch.Tensor, spec: 
     """The teacher's sparse targets at the supervised positions of one batch, a chunk of rows at a time.
 
     Shapes: inputs' tensors (B, T); mask (B, T-1); returns ids/logprobs (N, width), log_tail (N,).
+    A position whose logits hold a NaN or +inf gets NaN log-probabilities and tail (never a sample
+    drawn from them), for the caller to refuse.
     """
     if plain_head:  # never all (N, V) logits: the head runs per chunk
         rows_in = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d)
@@ -64,10 +65,15 @@ def teacher_targets(teacher: nn.Module, inputs: dict, mask: torch.Tensor, spec: 
     parts = []
     for rows in chunk_slices(rows_in.shape[0], TARGET_CHUNK):
         logits = slice_vocab(head(rows_in[rows]) if head is not None else rows_in[rows], vocab_size)  # (C, V)
+        broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1, keepdim=True)  # (C, 1)
+        logits = torch.where(broken, 0.0, logits)
         if spec.mode == "topk":
-            parts.append(topk_targets(logits, spec.width, temperature=spec.temperature))
+            part = topk_targets(logits, spec.width, temperature=spec.temperature)
         else:
-            parts.append(sampled_targets(logits, spec.width, temperature=spec.temperature, generator=generator))
+            part = sampled_targets(logits, spec.width, temperature=spec.temperature, generator=generator)
+        nan = torch.tensor(float("nan"), device=logits.device)
+        parts.append(SparseTargets(part.ids, torch.where(broken, nan, part.logprobs),
+                                   torch.where(broken[:, 0], nan, part.log_tail), part.temperature))
     if not parts:
         return SparseTargets.empty((0,), spec.width, spec.temperature, device=mask.device)
     return SparseTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
@@ -76,7 +82,10 @@ def teacher_targets(teacher: nn.Module, inputs: dict, mask: torch.Tensor, spec: 
 
 def shard_rows(teacher: nn.Module, dataset, examples: range, spec: TargetSpec, *, vocab_size: int, batch_size: int,
                pad_token_id: int, plain_head: bool, device, shard_index: int) -> list[dict]:
-    """The Parquet rows of one shard: the encoded targets of ``examples``, in fixed batches."""
+    """The Parquet rows of one shard: the encoded targets of ``examples``, in fixed batches.
+
+    Raises CacheError naming the example and the shard if the teacher's targets hold a NaN or +inf
+    (−inf is an empty slot): such a shard is never written."""
     from distill.training import fetch  # the trainer's own batching: the same padding and masks
 
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + shard_index) if spec.mode == "sampled" else None
@@ -90,8 +99,16 @@ def shard_rows(teacher: nn.Module, dataset, examples: range, spec: TargetSpec, *
                                   generator=generator)
         ids, logprobs, tails = (x.float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
                                 for x in (targets.ids, targets.logprobs, targets.log_tail))
+        broken = (np.isnan(logprobs) | np.isposinf(logprobs)).any(-1) | np.isnan(tails) | np.isposinf(tails)  # (N,)
+        counts = mask.sum(1).tolist()
+        if broken.any():
+            row = int(np.flatnonzero(broken)[0])
+            index = indices[int(np.searchsorted(np.cumsum(counts), row, side="right"))]
+            raise CacheError(f"the teacher's outputs are non-finite (NaN or inf) for training example {index}, in "
+                             f"{shard_name(shard_index)}, at {int(broken.sum())} positions of this batch; nothing of "
+                             "that shard was written. Check the teacher (and teacher.dtype: float16 overflows easily)")
         offset = 0
-        for index, count in zip(indices, mask.sum(1).tolist()):
+        for index, count in zip(indices, counts):
             cols = encode(ids[offset:offset + count], logprobs[offset:offset + count], tails[offset:offset + count],
                           vocab_size=vocab_size, encoding=spec.encoding)
             rows.append({"example": index, "positions": count, **cols})
@@ -167,9 +184,9 @@ def write_cache(teacher: nn.Module, dataset, folder, *, header: dict, spec: Targ
                 pending.result()
             pending = pool.submit(write_shard, path, rows)
             written += 1
-            if index == KILL_AFTER_SHARD:
+            if faults.ENV in os.environ:  # the kill tests: the shard is whole on disk before the kill
                 pending.result()
-                os.kill(os.getpid(), signal.SIGKILL)
+                faults.point("shard-done")
         if pending is not None:
             pending.result()
     accelerator.wait_for_everyone()
@@ -180,7 +197,7 @@ def write_cache(teacher: nn.Module, dataset, folder, *, header: dict, spec: Targ
         manifest = {**header, "shards": shards,
                     "totals": {"positions": positions, "bytes": size,
                                "bytes_per_position": round(size / max(positions, 1), 3)}}
-        write_json(done, manifest)
+        write_json(done, manifest, fault="manifest")
         (folder / PARTIAL).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     manifest = read_manifest(folder)
@@ -216,8 +233,9 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
     accelerator = Accelerator(cpu=not training._has_accelerator())
     tok_name, tokenizer = training.load_run_tokenizer(config)
     dtype = training.teacher_dtype(config)
-    teacher = models.freeze(models.load_causal_lm(t.model, dtype=dtype, revision=t.revision,
-                                                  trust_remote_code=t.trust_remote_code))
+    teacher = models.freeze(models.check_finite(
+        models.load_causal_lm(t.model, dtype=dtype, revision=t.revision, trust_remote_code=t.trust_remote_code),
+        f"the teacher {t.model}"))
     vocab_size = training.shared_vocab(config, tok_name, tokenizer)
     if teacher.get_output_embeddings().weight.shape[0] < vocab_size:
         raise CacheError(f"the tokenizer has {vocab_size} tokens but the teacher's vocabulary has only "

@@ -4,7 +4,8 @@ Layout under ``cache_dir``::
 
     <fingerprint>/            a ``Dataset.save_to_disk`` folder
         manifest.json         what went in: source identity, tokenizer hash, formatting args
-    .tmp-<fingerprint>-...    a write in progress (renamed to <fingerprint>/ when complete)
+    .tmp-<fingerprint>-<pid>-...  a write in progress (renamed to <fingerprint>/ when complete;
+                              removed by the next write once process <pid> is gone, e.g. killed)
 
 The fingerprint is the sha256 of the manifest's ``key``, so any change of data, tokenizer or
 formatting arguments gives a new folder; a folder without a manifest is not a cache hit.
@@ -19,6 +20,8 @@ import shutil
 import tempfile
 
 import datasets
+
+from distill import faults
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1  # bump when the tokenized output of the same inputs changes
@@ -83,10 +86,12 @@ def save_cached(
     another process finished the same entry first, its copy is kept and ours discarded.
     """
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_orphans(cache_dir)
     final = os.path.join(cache_dir, fingerprint)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-", dir=cache_dir)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{os.getpid()}-", dir=cache_dir)
     try:
         dataset.save_to_disk(tmp)
+        faults.point("tokenized")
         manifest = {"fingerprint": fingerprint, "cache_version": CACHE_VERSION, "key": key,
                     "num_rows": len(dataset), **info}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -102,3 +107,17 @@ def save_cached(
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(final)
+
+
+def _remove_orphans(cache_dir) -> None:
+    """Delete the temporary folders of writers that no longer run (a killed process leaves one)."""
+    for name in os.listdir(cache_dir):
+        parts = name.split("-")
+        if not (name.startswith(".tmp-") and len(parts) >= 4 and parts[2].isdigit()):
+            continue
+        try:
+            os.kill(int(parts[2]), 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        except (PermissionError, OverflowError):  # another user's live process, or not a pid
+            pass
