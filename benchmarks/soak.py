@@ -120,7 +120,9 @@ def main() -> int:
 
     import torch
     import transformers
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores; python "
           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{datetime.date.today()}")
     print(f"{args.steps} steps, eval + checkpoint every {args.every}, keep_checkpoints {args.keep}: {wall:.0f} s wall")
