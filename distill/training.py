@@ -517,7 +517,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 state["skipped_steps"] += 1
                 if accelerator.scaler is not None:
                     accelerator.scaler.update()  # its unscale of this step must be closed
-                progress.write(f"skipped {where}")
+                if main:
+                    progress.write(f"skipped {where}")
             optimizer.zero_grad(set_to_none=True)
 
             state["step"] = step = step + 1
