@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--steps", type=int, default=None, help="training steps per student (overrides --minutes)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--prompts", type=int, default=16, help="eval prompts to complete per model")
-    quick.add_argument("--max-eval-examples", type=int, default=None, help="evaluate on fewer blocks (smoke runs)")
+    quick.add_argument("--max-eval-examples", type=int, default=None,
+                       help="evaluate on the first N eval files only, in training too (smoke runs)")
 
     cache = verbs.add_parser("cache", help="run the teacher once over the training data and store its top-k targets",
                              description="Write the teacher's top-k (or sampled) targets for the training data "
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _dump_stacks_on_sigusr1()
     if args.verb is None:
         _parser().print_help()
         return 2
@@ -122,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         print("distill: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr: where a stuck run is."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _summary(result: dict) -> str:

@@ -34,8 +34,10 @@ STEPS_PER_5_MINUTES = 250  # measured on the 2-core CPU of BENCHMARKS.md: about 
 
 
 def student_config(out: Path, *, name: str, steps: int, seed: int, loss: dict, init_from_teacher: Optional[list] = None,
-                   data_split: str = "eval", batch_size: int = 16, lr: float = 3e-3) -> dict:
-    """The config of one quickstart student run (a plain `distill train` config)."""
+                   data_split: str = "eval", batch_size: int = 16, lr: float = 3e-3,
+                   max_eval_examples: Optional[int] = None) -> dict:
+    """The config of one quickstart student run (a plain `distill train` config); in-training evals
+    use 8 files of the split, or ``max_eval_examples`` if fewer."""
     student = ({"init_from_teacher_layers": init_from_teacher} if init_from_teacher
                else {"config": dict(STUDENT_ARCH), "tokenizer": str(TEACHER)})
     return {
@@ -43,7 +45,7 @@ def student_config(out: Path, *, name: str, steps: int, seed: int, loss: dict, i
         "student": student,
         "data": {"train": str(CORPUS / "train.parquet"), "eval": str(CORPUS / f"{data_split}.parquet"),
                  "format": "text", "max_length": 256, "packing": True,
-                 "max_eval_examples": 8},  # in-training evals on a few files; the final one uses the whole split
+                 "max_eval_examples": min(8, max_eval_examples or 8)},  # in-training evals on a few files
         "loss": {**loss},
         "train": {"output_dir": str(out / name), "max_steps": steps, "batch_size": batch_size, "lr": lr,
                   "warmup_steps": max(1, steps // 20), "schedule": "cosine", "min_lr_ratio": 0.1,
@@ -84,7 +86,8 @@ def quickstart(out: str | os.PathLike = "runs/quickstart", *, minutes: float = D
     for name, loss in (("baseline", {"kd_weight": 0.0, "ce_weight": 1.0}), ("distilled", DISTILL_LOSS)):
         print(f"== {name}: {steps} steps, {'cross-entropy only' if name == 'baseline' else _describe(loss)}",
               flush=True)
-        runs[name] = train_student(student_config(out, name=name, steps=steps, seed=seed, loss=loss), progress)
+        runs[name] = train_student(student_config(out, name=name, steps=steps, seed=seed, loss=loss,
+                                                  max_eval_examples=max_eval_examples), progress)
 
     print("== evaluating teacher and students on the eval split", flush=True)
     results = evaluate_models({name: str(out / name / "student") for name in runs}, str(CORPUS / "eval.parquet"),

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 VOCAB = 45  # the toy tokenizer's vocabulary: k = VOCAB stores the full distribution
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--main_process_port", "29517",  # its own port: test files run in parallel (pytest -n 2)
                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
 
 

@@ -23,7 +23,7 @@ def test_bundled_assets_are_complete():
 
 def test_quickstart_smoke(tmp_path):
     out = tmp_path / "qs"
-    result = run_cli("quickstart", "--out", str(out), "--steps", "3", "--prompts", "2", "--max-eval-examples", "8")
+    result = run_cli("quickstart", "--out", str(out), "--steps", "3", "--prompts", "2", "--max-eval-examples", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["models"]) == {"teacher", "baseline", "distilled"}

@@ -128,6 +128,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(workspace, tmp
     # accelerate starts several processes only with --multi_gpu (its --cpu launcher runs one); on a
     # machine without a GPU distill then runs them on the CPU over gloo.
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29513",  # its own port: test files run in parallel (pytest -n 2)
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
     result, two = train_cli(tmp_path, workspace, "two", launcher=launcher,
                             **{**common, "train": {**common["train"], "batch_size": 4}})
@@ -147,7 +148,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(workspace, tmp_path):
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # seen once: show where it is stuck (the CLI dumps stacks on SIGUSR1)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"no exit 120 s after SIGINT; its stacks:\n{err[-6000:]}")
     assert proc.returncode == 130, err[-3000:]
     assert "run the same command again to resume" in out + err
     saved = [p for p in (tmp_path / "sigint" / "checkpoints").iterdir() if p.name.startswith("step-")]
