@@ -2,7 +2,8 @@
 
 User mistakes (bad config, missing file, mismatched tokenizer, empty data), a non-finite value under
 ``train.nonfinite: stop`` and a full or read-only disk print one line and exit with code 2; an
-interrupted training run exits with 130 after saving a checkpoint. `distill eval` exits with 0 when
+interrupted training run (Ctrl-C, or SIGTERM as a scheduler's preemption sends) exits with 130 (143
+for SIGTERM) after saving a checkpoint. `distill eval` exits with 0 when
 a model has non-finite outputs: that is a finding of the evaluation, which succeeded; the model is
 marked in the table and the report and named in a warning on stderr.
 """
@@ -120,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: error: could not write{where}: {e.strerror}; free space (or fix permissions) and run the "
               "same command again", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("distill: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from distill.training import Terminated
+
+        print("distill: terminated" if isinstance(e, Terminated) else "distill: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 
@@ -131,8 +134,10 @@ def _dump_stacks_on_sigusr1() -> None:
     import faulthandler
     import signal
 
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 (Windows), or stderr is not a real file
+        pass
 
 
 def _summary(result: dict) -> str:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,23 @@ from distill import models
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"max_steps", "schedule_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
                      "keep_checkpoints", "progress", "tracker", "nonfinite", "max_skipped_steps"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `docker stop`, `kill`): handled like Ctrl-C, a checkpoint is saved."""
+
+
+def sigterm_as_interrupt():
+    """From now on SIGTERM raises ``Terminated`` in the main thread, as Ctrl-C raises KeyboardInterrupt;
+    returns the function that puts the previous handler back."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class NonFiniteError(UserError):
@@ -463,6 +481,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     if eval_set is not None and t.eval_at_start and state["step"] == 0:
         metrics.write({"step": 0, **evaluate(model, teacher, eval_set, **eval_args)})
     tic, tokens_seen = time.perf_counter(), 0
+    restore_sigterm = sigterm_as_interrupt()  # preemption saves a checkpoint, as Ctrl-C does
     try:
         while state["step"] < max_steps:
             step = state["step"]
@@ -554,6 +573,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             path = save_checkpoint(accelerator, out, state, t.keep_checkpoints)
             accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
         raise
+    finally:
+        restore_sigterm()
     progress.close()
 
     # The student in standard Hugging Face format, written whole or not at all.
