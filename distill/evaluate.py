@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from distill.data import collate, load_tokenized
 from distill.errors import UserError
+from distill.generation import NonFiniteGuard, SamplingSettings, row_seed, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, cross_entropy,
                             forward_kl, reverse_kl, slice_vocab)
 
@@ -436,66 +437,19 @@ def teacher_nll(teacher: nn.Module, prompts: Sequence[Sequence[int]], completion
 # Generation and speed
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _generation_config(max_new_tokens: int, *, pad_token_id: int, eos_token_id: int, exact: bool = False):
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                            min_new_tokens=max_new_tokens if exact else 0, pad_token_id=pad_token_id,
-                            eos_token_id=eos_token_id)
-
-
-class NonFiniteGuard:
-    """A logits processor for ``generate``: a row of scores with no distribution in it (a NaN, +inf,
-    or nothing above -inf) is replaced by zeros (uniform) so that sampling goes on, and counted.
-    Without it ``torch.multinomial`` raises on CPU and fails a device-side assert on CUDA. Rows that
-    are fine pass unchanged, so the guard never changes what a healthy model samples."""
-
-    def __init__(self):
-        self.rows: int | Tensor = 0  # replaced rows, on the device until ``fired`` reads it
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        bad = ~torch.isfinite(scores.amax(-1))  # (B,) amax propagates NaN
-        self.rows = self.rows + bad.sum()
-        return torch.where(bad[:, None], torch.zeros_like(scores), scores)  # (B, V)
-
-    def fired(self) -> bool:
-        return int(self.rows) > 0
-
-
-def _processors(guard: Optional[NonFiniteGuard]):
-    from transformers import LogitsProcessorList
-
-    return LogitsProcessorList([guard] if guard is not None else [])
-
-
 @torch.inference_mode()
 def sample_completions(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-                       seed: int, pad_token_id: int, eos_token_id: int, device,
+                       seed: int, pad_token_id: int, eos_token_id: int, device=None,
                        guard: Optional[NonFiniteGuard] = None) -> list[tuple[list[int], bool]]:
-    """One sampled completion per prompt: (token ids before the first EOS, whether EOS was sampled).
-    The RNG is seeded once, so every model draws from the same random stream. With ``guard``,
-    non-finite score rows are replaced and counted there (``guard.fired()``: discard the samples)."""
-    torch.manual_seed(seed)
-    config = _generation_config(max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad(prompts[start:start + batch_size], pad_token_id, device)
-        new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=_processors(guard))[:, ids.shape[1]:]
-        for row in new.tolist():
-            ended = eos_token_id in row
-            out.append((row[:row.index(eos_token_id)] if ended else row, ended))
-    return out
+    """One sampled completion per prompt: (token ids before the first EOS, whether EOS was sampled),
+    with ``distill.generation.sample`` at temperature 1. Prompt i is sampled with the row seed
+    (seed, i), so every model draws the same random stream for the same prompt. With ``guard``,
+    non-finite score rows are replaced and counted there (``guard.fired()``: discard the samples);
+    without one they raise. ``device`` is the model's (kept for callers; unused)."""
+    outs = sample(model, prompts, settings=SamplingSettings(max_new_tokens), seeds=[row_seed(seed, i) for i in
+                  range(len(prompts))], eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_size=batch_size,
+                  guard=guard)
+    return [(c.ids, c.ended) for c in outs]
 
 
 @torch.inference_mode()
@@ -506,12 +460,11 @@ def measure_speed(model: nn.Module, prompts: Sequence[Sequence[int]], dataset, *
     (left padding; EOS suppressed so exactly ``max_new_tokens`` are made per row), and a full
     forward pass over ``batch_size`` data blocks (median of at least 3 repetitions). Each is timed
     after a warm-up call. ``guard`` as in ``sample_completions``."""
-    torch.manual_seed(seed)
-    gen = _generation_config(max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id, exact=True)
+    exact = SamplingSettings(max_new_tokens, ignore_eos=True)
 
     def generate(rows):
-        ids, mask = _left_pad(rows, pad_token_id, device)
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, logits_processor=_processors(guard))
+        sample(model, rows, settings=exact, seeds=[row_seed(seed, i) for i in range(len(rows))],
+               eos_token_id=eos_token_id, pad_token_id=pad_token_id, guard=guard)
         return len(rows) * max_new_tokens
 
     def timed(fn, *args):
@@ -703,8 +656,8 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                 r["nonfinite_metrics"] += applies
         if sampled:
             texts = [_completion_text(tokenizer, p.ids, ids) for p, (ids, _) in zip(prompts, outs)]
-            for sample, text in zip(samples, texts):
-                sample["completions"][name] = text
+            for record, text in zip(samples, texts):
+                record["completions"][name] = text
             token_lists = [ids for ids, _ in outs]
             gen.update(distinct_1=distinct_n(token_lists, 1), distinct_2=distinct_n(token_lists, 2),
                        completion_tokens=sum(len(t) for t in token_lists))
