@@ -85,16 +85,16 @@ def write_speed(config: dict, args) -> dict:
     """tokens/s of the teacher's plain forward and of write_cache, same examples, same batches."""
     from accelerate import Accelerator
 
-    from distill import models, training
+    from distill import build, models
     from distill.cache.format import value_encoding, weights_sha256
     from distill.cache.writer import TargetSpec, make_header, write_cache
     from distill.config import load_config
     from distill.data import load_tokenized, tokenizer_fingerprint
 
     cfg = load_config({k: v for k, v in config.items() if not k.startswith("_")})
-    _, tokenizer = training.load_run_tokenizer(cfg)
+    _, tokenizer = build.load_run_tokenizer(cfg)
     teacher = models.freeze(models.load_causal_lm(cfg.teacher.model))
-    dataset = load_tokenized(cfg.data.train, **training.training_data_args(cfg, tokenizer))
+    dataset = load_tokenized(cfg.data.train, **build.training_data_args(cfg, tokenizer))
     dataset = dataset.select(range(min(args.examples, len(dataset))))
     tokens = sum(len(x) for x in dataset["input_ids"])
     accelerator = Accelerator(cpu=True)
@@ -102,7 +102,7 @@ def write_speed(config: dict, args) -> dict:
     def plain():
         with torch.no_grad():
             for start in range(0, len(dataset), args.batch_size):
-                batch = training.fetch(dataset, list(range(start, min(start + args.batch_size, len(dataset)))),
+                batch = build.fetch(dataset, list(range(start, min(start + args.batch_size, len(dataset)))),
                                        tokenizer.pad_token_id, "cpu")
                 teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 

@@ -48,7 +48,7 @@ class StudentConfig:
 class DataConfig:
     train: Optional[str] = None  # local .jsonl/.json/.parquet/.txt (file, directory or glob) or hub dataset id
     eval: Optional[str] = None
-    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "chat", "prompt"] = "auto"  # prompt: prompt-only (on-policy)
     max_length: int = 512
     packing: bool = True  # text only: concatenate documents with EOS and cut fixed-length blocks
     train_split: str = "train"  # hub datasets only
@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd | sampled_reverse_kl
     beta: Optional[float] = None  # jsd only, 0 < beta < 1 (default 0.5)
     alpha: Optional[float] = None  # skew_kl / skew_reverse_kl only, 0 <= alpha < 1 (default 0.1)
     temperature: float = 1.0
@@ -72,6 +72,22 @@ class LossConfig:
     ce_weight: float = 0.0
     chunk_size: int = 256  # tokens per chunk of the fused LM-head loss (see BENCHMARKS.md); 0 = dense logits
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
+    discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
+
+
+@dataclass
+class GenerationConfig:
+    """On-policy distillation: optimizer steps whose completions are sampled in the loop (GKD)."""
+
+    lmbda: float = 0.0  # fraction of optimizer steps on the student's own samples (GKD's lambda); 0 = off-policy
+    seq_kd: bool = False  # the other steps train on the teacher's samples instead of the data's completions
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # the sampling temperature (loss.temperature is the distillation one)
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    num_generations: int = 1  # completions per prompt
+    batch_size: Optional[int] = None  # rows per sampling call; default: the whole micro-batch
+    log_samples: int = 2  # completions per sampled step written to samples.jsonl (0: none)
 
 
 @dataclass
@@ -128,6 +144,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,10 +203,11 @@ def validate(c: Config) -> None:
     from distill.losses import DIVERGENCES, divergence_params
 
     loss = c.loss
-    if loss.divergence not in DIVERGENCES:
+    objectives = {*DIVERGENCES, "sampled_reverse_kl"}  # the last: a policy gradient on sampled tokens
+    if loss.divergence not in objectives:
         raise ConfigError(f"loss.divergence: unknown divergence {loss.divergence!r}"
-                          f"{_suggest(loss.divergence, DIVERGENCES)}; valid: {', '.join(sorted(DIVERGENCES))}")
-    accepted = divergence_params(loss.divergence)
+                          f"{_suggest(loss.divergence, objectives)}; valid: {', '.join(sorted(objectives))}")
+    accepted = divergence_params(loss.divergence) if loss.divergence in DIVERGENCES else set()
     for name in ("beta", "alpha"):
         if getattr(loss, name) is not None and name not in accepted:
             users = sorted(d for d in DIVERGENCES if name in divergence_params(d))
@@ -203,12 +221,34 @@ def validate(c: Config) -> None:
     _check(loss.kd_weight >= 0 and loss.ce_weight >= 0, "loss.kd_weight and loss.ce_weight must be >= 0")
     _check(loss.kd_weight + loss.ce_weight > 0, "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
     _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
+    sampled = loss.divergence == "sampled_reverse_kl"
+    if loss.discount is not None:
+        _check(sampled, f"loss.discount applies only to sampled_reverse_kl, not to {loss.divergence}")
+        _check(0.0 <= loss.discount <= 1.0, f"loss.discount must be in [0, 1], got {loss.discount}")
+    g = c.generation
+    _check(0.0 <= g.lmbda <= 1.0, f"generation.lmbda must be in [0, 1] (the fraction of on-policy steps), got {g.lmbda}")
+    _check(g.max_new_tokens > 0 and g.num_generations > 0, "generation.max_new_tokens and num_generations must be > 0")
+    _check(g.temperature > 0, "generation.temperature must be > 0")
+    _check(g.top_k >= 0 and 0.0 < g.top_p <= 1.0, "generation.top_k must be >= 0 and generation.top_p in (0, 1]")
+    _check(g.batch_size is None or g.batch_size > 0, "generation.batch_size must be > 0")
+    _check(g.log_samples >= 0, "generation.log_samples must be >= 0")
+    generating = g.lmbda > 0 or g.seq_kd
+    if sampled:
+        _check(g.lmbda == 1.0 and not g.seq_kd, "loss.divergence=sampled_reverse_kl is a policy gradient on the "
+               "student's own samples: it needs generation.lmbda=1 (and seq_kd false); for mixed steps use "
+               "reverse_kl or jsd")
+        _check(loss.temperature == 1.0, "loss.divergence=sampled_reverse_kl estimates KL(q||p) at temperature 1 "
+               "from the sampled tokens: set loss.temperature=1 (generation.temperature sets the sampling one)")
+    if g.seq_kd:
+        _check(g.lmbda < 1.0, "generation.seq_kd has no effect with generation.lmbda=1 (every step is on-policy)")
 
     from_cache = c.teacher.source == "cache"
     if from_cache:
         _check(bool(c.cache.dir), "teacher.source=cache needs cache.dir (the folder `distill cache` wrote)")
         _check(loss.divergence == "forward_kl", f"teacher.source=cache: a top-k cache supports divergence "
                                                 f"forward_kl only, got {loss.divergence}")
+        _check(not generating, "generation.lmbda > 0 / seq_kd sample new text, which a cache has no targets for: "
+                               "use teacher.source=live")
     elif loss.sparse_mode is not None:
         raise ConfigError("loss.sparse_mode applies only to teacher.source=cache")
     ca = c.cache
@@ -222,6 +262,10 @@ def validate(c: Config) -> None:
     _check(ca.temperature > 0, "cache.temperature must be > 0")
     _check(ca.shard_size > 0 and ca.batch_size > 0, "cache.shard_size and cache.batch_size must be > 0")
 
+    if generating:
+        _check(bool(c.teacher.model), "generation.lmbda > 0 / seq_kd needs teacher.model (it scores the samples)")
+        _check(loss.kd_weight > 0, "generation.lmbda > 0 / seq_kd needs loss.kd_weight > 0 (the teacher grades the "
+                                   "samples; CE alone on the student's own samples teaches it nothing new)")
     if loss.kd_weight > 0 and not c.teacher.model and not from_cache:
         raise ConfigError("teacher.model is required when loss.kd_weight > 0 (set loss.kd_weight=0 for "
                           "supervised training without a teacher)")

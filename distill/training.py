@@ -28,18 +28,26 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill.batches import StepBatches, step_batches, step_source
+from distill.build import (fetch, has_accelerator, has_plain_lm_head, load_run_tokenizer, load_teacher, shared_vocab,
+                           training_data_args)
 from distill.config import Config, load_config, save_config
-from distill.data import collate, load_tokenized
+from distill.data import data_format, load_tokenized
+from distill.data.formats import PROMPT_FORMATS
 from distill.errors import UserError
 from distill import faults
-from distill.losses import (DEFAULT_CHUNK_SIZE, SparseTargets, check_tokenizers_compatible, chunk_slices,
-                            chunked_kd_loss, cross_entropy, forward_kl, get_divergence, kd_loss, shared_vocab_size,
-                            slice_vocab, sparse_kd_loss)
+from distill.generation import NonFiniteGuard, SamplingSettings, sample
+from distill.losses import (DEFAULT_CHUNK_SIZE, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
+                            get_divergence, kd_loss, slice_vocab, sparse_kd_loss)
+from distill.losses.policy import chunked_token_logprobs, sampled_kd_loss, token_logprobs
 from distill import models
+from distill.teachers import CacheTeacher, LiveTeacher, TeacherSignal
+
+SAMPLED_OBJECTIVE = "sampled_reverse_kl"  # loss.divergence: the policy-gradient objective (losses/policy.py)
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"max_steps", "schedule_steps", "epochs", "eval_every", "eval_at_start", "save_every", "log_every",
-                     "keep_checkpoints", "progress", "tracker", "nonfinite", "max_skipped_steps"}
+                     "keep_checkpoints", "progress", "tracker", "nonfinite", "max_skipped_steps", "log_samples"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,15 +89,6 @@ class Backbone(nn.Module):
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
 
 
-def has_plain_lm_head(model: nn.Module) -> bool:
-    """True if logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or scaling),
-    which the chunked loss assumes."""
-    cfg = model.config
-    scaled = any(getattr(cfg, name, None) not in (None, 1, 1.0)
-                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"))
-    return not scaled and isinstance(model.get_output_embeddings(), nn.Linear)
-
-
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Linear warmup, then cosine / linear decay to ``min_ratio`` or constant."""
     if step < warmup:
@@ -117,12 +116,6 @@ def batch_indices(step: int, micro: int, *, n: int, batch_size: int, accum: int,
     return order[start:start + batch_size].tolist()
 
 
-def fetch(dataset, indices: list[int], pad_token_id: int, device) -> dict:
-    rows = dataset[indices]
-    examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
-    return {k: v.to(device) for k, v in collate(examples, pad_token_id=pad_token_id).items()}
-
-
 @dataclass
 class LossSettings:
     divergence: str
@@ -134,51 +127,55 @@ class LossSettings:
     chunk_size: int  # 0: dense
     vocab_size: int
     sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
+    discount: float = 0.0  # sampled_reverse_kl: discount of the advantage over the rest of the completion
+
+    @property
+    def want(self) -> str:
+        """What the loss asks the teacher for (see distill.teachers)."""
+        return "token_logprobs" if self.divergence == SAMPLED_OBJECTIVE else "hidden" if self.chunk_size else "logits"
 
 
-def finite(x: torch.Tensor) -> torch.Tensor:
-    """0-dim bool, no host sync: ``x`` holds no NaN and no +inf (−inf is log 0: an empty target slot)."""
-    return ~(torch.isnan(x) | torch.isposinf(x)).any()
-
-
-def micro_batch_loss(student: nn.Module, teacher: Optional[nn.Module], batch: dict, s: LossSettings,
-                     targets: Optional[SparseTargets] = None):
-    """(LossParts (sums), teacher_ok) for one micro-batch; the teacher runs under no_grad. With
-    ``targets`` (a cache's, one row per supervised position in ``mask`` order) there is no teacher
-    model. ``teacher_ok`` is a 0-dim bool tensor saying the teacher's signal (its hidden states,
-    logits or the cache's log-probabilities) is finite, or None without a teacher."""
+def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, examples: Optional[list[int]] = None):
+    """(LossParts (sums), teacher_ok) for one micro-batch. ``teacher`` (a ``distill.teachers`` source,
+    or None for CE alone) says what it says about the supervised positions; ``examples`` are the rows'
+    training-example indices (a cache looks targets up by them). ``teacher_ok`` is a 0-dim bool tensor
+    saying the teacher's signal is finite, or None without a teacher."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != -100
+    tokens = labels[mask]  # (N,)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    signal: Optional[TeacherSignal] = (teacher.signal(inputs, mask, examples, want=s.want, tokens=tokens)
+                                       if teacher is not None else None)
+    teacher_ok = signal.ok if signal is not None else None
+    head = _unwrap(student).model.get_output_embeddings()
+    if s.divergence == SAMPLED_OBJECTIVE:  # only log q(y_t) of the sampled tokens is needed
+        if s.chunk_size:
+            logq = chunked_token_logprobs(student(**inputs)[:, :-1][mask], head.weight, tokens, bias=head.bias,
+                                          vocab_size=s.vocab_size, chunk_size=s.chunk_size)  # (N,)
+        else:
+            logq = token_logprobs(slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size), tokens)
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,) completion ids
+        return sampled_kd_loss(logq, signal.token_logprobs if signal is not None else None, segments=rows,
+                               discount=s.discount, kd_weight=s.kd_weight, ce_weight=s.ce_weight), teacher_ok
     common = dict(divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
                   kd_weight=s.kd_weight, ce_weight=s.ce_weight, **s.divergence_kwargs)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if s.chunk_size:
         hidden = student(**inputs)[:, :-1][mask]  # (N, d): supervised positions only
-        head = _unwrap(student).model.get_output_embeddings()
-        teacher_args, teacher_ok = {}, None
-        if targets is not None:
-            teacher_args = dict(teacher_targets=targets, sparse_mode=s.sparse_mode)
-            teacher_ok = finite(targets.logprobs) & finite(targets.log_tail)
-        elif teacher is not None:
-            with torch.no_grad():
-                t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
-            t_head = teacher.get_output_embeddings()  # its weights were checked when it was loaded
-            teacher_args = dict(teacher_hidden=t_hidden, teacher_weight=t_head.weight, teacher_bias=t_head.bias)
-            teacher_ok = torch.isfinite(t_hidden).all()
-        return chunked_kd_loss(hidden, head.weight, labels[mask], student_bias=head.bias, vocab_size=s.vocab_size,
+        teacher_args = signal.chunked_kwargs() if signal is not None else {}
+        if signal is not None and signal.targets is not None:
+            teacher_args["sparse_mode"] = s.sparse_mode
+        return chunked_kd_loss(hidden, head.weight, tokens, student_bias=head.bias, vocab_size=s.vocab_size,
                                chunk_size=s.chunk_size, **teacher_args, **common), teacher_ok
     # Dense: full logits, but the loss only on the supervised rows (no work on prompts or padding).
     logits = slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size)  # (N, V)
-    if targets is not None:
-        return (sparse_kd_loss(logits, targets, labels[mask], mode=s.sparse_mode, temperature=s.temperature,
-                               scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight),
-                finite(targets.logprobs) & finite(targets.log_tail))
-    t_logits, teacher_ok = None, None
-    if teacher is not None:
-        with torch.no_grad():
-            t_logits = slice_vocab(teacher(**inputs).logits[:, :-1][mask], s.vocab_size)  # (N, V)
-        teacher_ok = finite(t_logits)
-    return kd_loss(logits, t_logits, labels[mask], **common), teacher_ok
+    if signal is not None and signal.targets is not None:
+        return sparse_kd_loss(logits, signal.targets, tokens, mode=s.sparse_mode, temperature=s.temperature,
+                              scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight), teacher_ok
+    t_logits = None
+    if signal is not None:
+        t_logits = signal.logits if signal.logits is not None else slice_vocab(
+            torch.nn.functional.linear(signal.hidden, signal.weight, signal.bias), s.vocab_size)
+    return kd_loss(logits, t_logits, tokens, **common), teacher_ok
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -194,7 +191,8 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     and counted in ``eval/nonfinite_positions`` (present only when there are any)."""
     student.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    div = get_divergence(s.divergence)
+    div_name = "reverse_kl" if s.divergence == SAMPLED_OBJECTIVE else s.divergence  # what the sampled one estimates
+    div = get_divergence(div_name)
     sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree, non-finite
     head = _unwrap(student).model.get_output_embeddings()
     t_head = teacher.get_output_embeddings() if teacher is not None else None
@@ -228,7 +226,7 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     per = (lambda x: x / n) if n else (lambda x: None)  # no finite position: no number to report
     result = {"eval/ce": per(ce), "eval/ppl": math.exp(min(ce / n, 50.0)) if n else None, "eval/tokens": int(n)}
     if teacher is not None:
-        result.update({"eval/forward_kl": per(fkl), f"eval/{s.divergence}": per(dv), "eval/top1_agreement": per(agree)})
+        result.update({"eval/forward_kl": per(fkl), f"eval/{div_name}": per(dv), "eval/top1_agreement": per(agree)})
     if bad:
         result["eval/nonfinite_positions"] = int(bad)
     return result
@@ -359,6 +357,10 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
 
+    def write_many(self, records: list[dict]) -> None:
+        for record in records:
+            self.write(record)
+
     def write(self, record: dict) -> None:
         if self.enabled:
             line = json.dumps(record) + "\n"
@@ -380,7 +382,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     config: Config = load_config(config, overrides)
     t, L = config.train, config.loss
     out = Path(t.output_dir)
-    accelerator = Accelerator(cpu=not _has_accelerator(),  # on a CPU-only machine: gloo across processes
+    accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
                               mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
                               log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
     main = accelerator.is_main_process
@@ -400,10 +402,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
-        teacher = models.load_causal_lm(config.teacher.model, dtype=teacher_dtype(config),
-                                        revision=config.teacher.revision,
-                                        trust_remote_code=config.teacher.trust_remote_code)
-        models.freeze(models.check_finite(teacher, f"the teacher {config.teacher.model}"))
+        teacher = load_teacher(config)
     vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
     if config.student.model:
         student = models.check_finite(
@@ -424,7 +423,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         divergence=L.divergence,
         divergence_kwargs={k: v for k, v in (("beta", L.beta), ("alpha", L.alpha)) if v is not None},
         temperature=L.temperature, scale_by_tau2=L.scale_by_tau2, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
-        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, sparse_mode=L.sparse_mode or "tail")
+        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, sparse_mode=L.sparse_mode or "tail",
+        discount=L.discount or 0.0)
 
     # Data, tokenized once and cached.
     d = config.data
@@ -439,7 +439,19 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         raise UserError(f"data.train has {len(train_set)} examples after tokenization, fewer than one global batch "
                         f"({t.batch_size} x {t.grad_accum_steps} accumulation x {world} processes = {global_batch})")
     steps_per_epoch = len(train_set) // global_batch
-    teacher_cache = open_teacher_cache(config, tokenizer, train_set, vocab_size) if from_cache else None
+    g = config.generation
+    if g.lmbda > 0 or g.seq_kd:
+        check_on_policy_data(config, data_format(train_set), student, teacher)
+    elif data_format(train_set) == "prompt":
+        raise UserError("data.train is prompt-only data: it has nothing to train on unless completions are sampled "
+                        "(set generation.lmbda > 0 or generation.seq_kd=true)")
+    # The teacher's signal, from the model or the cache (distill/teachers); None: CE alone.
+    teacher_source = None
+    if from_cache:
+        teacher_source = CacheTeacher(open_teacher_cache(config, tokenizer, train_set, vocab_size), accelerator.device)
+    elif teacher is not None:
+        teacher_source = LiveTeacher(teacher, vocab_size, chunk_size=settings.chunk_size or DEFAULT_CHUNK_SIZE)
+    loss_teacher = teacher_source if L.kd_weight > 0 else None
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
     # Optimizer and schedule; no weight decay on biases and norms.
@@ -458,14 +470,30 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     if teacher is not None:
         teacher.to(accelerator.device)
 
+    # Sampling in the loop (on-policy / sequence-level KD): from the live weights, seeded per row.
+    sampling = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                                top_p=g.top_p)
+
+    def generate_with(source: str):
+        policy = accelerator.unwrap_model(model).model if source == "student" else teacher
+        # A non-finite row is sampled uniformly instead of crashing; its loss is then non-finite and
+        # train.nonfinite decides (stop, or skip the step).
+        return lambda prompts, seeds: sample(policy, prompts, settings=sampling, seeds=seeds,
+                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                             batch_size=g.batch_size, autocast=accelerator.autocast,
+                                             guard=NonFiniteGuard())
+
     # Resume.
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    samples_log = MetricsLog(out / "samples.jsonl", enabled=main and g.log_samples > 0)
     state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0],  # loss, kd, ce, tokens, steps since last log
-             "skipped_steps": 0, "consecutive_skips": 0}  # steps dropped for non-finite values (train.nonfinite)
+             "skipped_steps": 0, "consecutive_skips": 0,  # steps dropped for non-finite values (train.nonfinite)
+             "window_generated": 0, "window_sources": {}}  # sampled tokens and steps by source since last log
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = {**state, **json.loads((resume_from / "trainer_state.json").read_text())}
         metrics.truncate_after(state["step"])
+        samples_log.truncate_after(state["step"])
         accelerator.print(f"resuming from {resume_from} (step {state['step']} of {max_steps})")
     if main and t.tracker != "none":
         accelerator.init_trackers("distill", config={k: v for k, v in _flat(config.to_dict()).items()
@@ -481,19 +509,24 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     if eval_set is not None and t.eval_at_start and state["step"] == 0:
         metrics.write({"step": 0, **evaluate(model, teacher, eval_set, **eval_args)})
     tic, tokens_seen = time.perf_counter(), 0
+    timing = {"generation": 0.0, "step": 0.0}  # this process's seconds since the last log (not checkpointed)
     restore_sigterm = sigterm_as_interrupt()  # preemption saves a checkpoint, as Ctrl-C does
     try:
         while state["step"] < max_steps:
             step = state["step"]
             indices = [batch_indices(step, m, n=len(train_set), batch_size=t.batch_size, accum=t.grad_accum_steps,
                                      world=world, rank=rank, seed=t.seed) for m in range(t.grad_accum_steps)]
-            batches = [fetch(train_set, i, tokenizer.pad_token_id, accelerator.device) for i in indices]
-            # The cache's targets for exactly these examples, in step with the batches.
-            targets = [teacher_cache.targets(i, accelerator.device) if teacher_cache and L.kd_weight > 0 else None
-                       for i in indices]
+            source = step_source(step, seed=t.seed, lmbda=g.lmbda, seq_kd=g.seq_kd)
+            made: StepBatches = step_batches(
+                train_set, indices, step=step, source=source, seed=t.seed, num_generations=g.num_generations,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, device=accelerator.device,
+                generate=generate_with(source) if source != "data" else None)
+            batches = made.batches
+            step_tic = time.perf_counter()
             local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
             n_global = accelerator.reduce(local.to(accelerator.device), reduction="sum").item()
-            step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce
+            step_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce, generated
+            step_sums[3] = made.generated_tokens
             # 1 where a micro-batch's teacher signal / student loss is non-finite; checked once per step.
             bad = torch.zeros(world, len(batches), 2, dtype=torch.float64, device=accelerator.device)
             for m, batch in enumerate(batches):
@@ -501,18 +534,18 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        parts, teacher_ok = micro_batch_loss(model, teacher if L.kd_weight > 0 else None, batch,
-                                                             settings, targets[m])
+                        parts, teacher_ok = micro_batch_loss(model, loss_teacher, batch, settings,
+                                                             made.examples[m] if source == "data" else None)
                     accelerator.backward(parts.loss * (world / max(n_global, 1)))
                 if teacher_ok is not None:
                     bad[rank, m, 0] = (~teacher_ok).double()
                 bad[rank, m, 1] = (~torch.isfinite(parts.loss.detach())).double()
-                step_sums += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
+                step_sums[:3] += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
             # fp16's loss scaler finds and skips overflowing gradients itself: not an error.
             grad_bad = (~torch.isfinite(grad_norm)).double().view(1) * (accelerator.scaler is None) / world
             reduced = accelerator.reduce(torch.cat([step_sums, grad_bad, bad.flatten()]), reduction="sum").tolist()
-            problem = nonfinite_problem(reduced[3] > 0, torch.tensor(reduced[4:]).view(world, len(batches), 2),
+            problem = nonfinite_problem(reduced[4] > 0, torch.tensor(reduced[5:]).view(world, len(batches), 2),
                                         lambda r, m: batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,
                                                                    accum=t.grad_accum_steps, world=world, rank=r,
                                                                    seed=t.seed))
@@ -539,10 +572,17 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 if main:
                     progress.write(f"skipped {where}")
             optimizer.zero_grad(set_to_none=True)
+            timing["generation"] += made.generation_s
+            timing["step"] += time.perf_counter() - step_tic
+            if made.samples and g.log_samples:
+                samples_log.write_many(sample_records(made, step + 1, g.log_samples, tokenizer))
 
             state["step"] = step = step + 1
             if problem is None:
                 state["window"] = [w + v for w, v in zip(state["window"], [*reduced[:3], n_global, 1])]
+            if source != "data":
+                state["window_generated"] += int(reduced[3])
+                state["window_sources"][source] = state["window_sources"].get(source, 0) + 1
             tokens_seen += sum(b["attention_mask"].sum().item() for b in batches) * world
             progress.update(1)
             if step % t.log_every == 0 or step == max_steps:
@@ -554,11 +594,24 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                           "ce": per(ce_sum), "lr": lr, "grad_norm": _number(grad_norm),
                           "supervised_tokens": int(n_tok), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                           "skipped_steps": state["skipped_steps"]}
+                if g.lmbda > 0 or g.seq_kd:  # steps by who wrote their completions, and what was sampled
+                    record.update({f"steps_{k}": state["window_sources"].get(k, 0)
+                                   for k in ("student",) + (("teacher",) if g.seq_kd else ())},
+                                  generated_tokens=state["window_generated"])
+                    record["time/generated_tokens_per_s"] = (state["window_generated"] / world / timing["generation"]
+                                                             if timing["generation"] else None)
+                teacher_s = teacher_source.seconds if teacher_source is not None else 0.0
+                record.update({"time/generation_s": timing["generation"], "time/teacher_s": teacher_s,
+                               "time/student_s": max(0.0, timing["step"] - teacher_s)})
                 metrics.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=_show(record["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 state["window"] = [0.0, 0.0, 0.0, 0.0, 0.0]
+                state["window_generated"], state["window_sources"] = 0, {}
                 tic, tokens_seen = time.perf_counter(), 0
+                timing = {"generation": 0.0, "step": 0.0}
+                if teacher_source is not None:
+                    teacher_source.seconds = 0.0
             if eval_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
                 eval_result = evaluate(model, teacher, eval_set, **eval_args)
                 metrics.write({"step": step, **eval_result})
@@ -621,35 +674,28 @@ def _show(value) -> str:
     return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def load_run_tokenizer(config: Config):
-    """(name, tokenizer) of the run: student.tokenizer, else student.model, else teacher.model."""
-    name = config.student.tokenizer or config.student.model or config.teacher.model
-    return name, models.load_tokenizer(name, revision=config.student.revision,
-                                       trust_remote_code=config.student.trust_remote_code)
+def check_on_policy_data(config: Config, fmt: Optional[str], student: nn.Module, teacher: Optional[nn.Module]) -> None:
+    """Refuse, with a line that says why, data and models that sampling in the loop cannot work with."""
+    g, d = config.generation, config.data
+    what = "generation.lmbda > 0" if g.lmbda > 0 else "generation.seq_kd"
+    if fmt not in PROMPT_FORMATS:
+        raise UserError(f"{what} samples completions of prompts, but data.train is {fmt or 'unknown-format'} data, "
+                        "which has no prompts: use prompt_completion, chat or prompt-only data (format: prompt)")
+    if fmt == "prompt" and g.lmbda < 1 and not g.seq_kd:
+        raise UserError(f"prompt-only data has no completions for the off-policy steps of generation.lmbda="
+                        f"{g.lmbda}: set generation.lmbda=1 or generation.seq_kd=true, or give prompt_completion "
+                        "or chat data")
+    positions = min(getattr(m.config, "max_position_embeddings", None) or (1 << 30)
+                    for m in (student, teacher) if m is not None)
+    if d.max_length + g.max_new_tokens > positions:
+        raise UserError(f"data.max_length ({d.max_length}) + generation.max_new_tokens ({g.max_new_tokens}) is more "
+                        f"than the models' {positions} positions: lower one of them")
 
 
-def teacher_dtype(config: Config) -> torch.dtype:
-    if config.teacher.dtype != "auto":
-        return models.DTYPES[config.teacher.dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
-
-
-def shared_vocab(config: Config, tok_name: str, tokenizer) -> int:
-    """The real shared vocabulary of the run's tokenizer and the teacher's (refusing mismatched ones)."""
-    if tok_name == config.teacher.model:
-        return len(tokenizer)  # padded LM-head rows past it are sliced off
-    teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
-                                              trust_remote_code=config.teacher.trust_remote_code)
-    check_tokenizers_compatible(tokenizer, teacher_tokenizer)  # refuses, naming cross-tokenizer mode
-    return shared_vocab_size(tokenizer, teacher_tokenizer)
-
-
-def training_data_args(config: Config, tokenizer) -> dict:
-    """``load_tokenized`` arguments: the one definition of how training (and its cache) sees the data."""
-    d = config.data
-    return dict(tokenizer=tokenizer, format=d.format, max_length=d.max_length, packing=d.packing,
-                text_field=d.text_field, prompt_field=d.prompt_field, completion_field=d.completion_field,
-                messages_field=d.messages_field, cache_dir=_data_cache_dir())
+def sample_records(made: StepBatches, step: int, count: int, tokenizer) -> list[dict]:
+    """samples.jsonl lines for the first ``count`` sampled rows of a step: ids (exact) and text (to read)."""
+    return [{"step": step, "source": made.source, **r, "prompt": tokenizer.decode(r["prompt_ids"]),
+             "completion": tokenizer.decode(r["completion_ids"])} for r in made.samples[:count]]
 
 
 def open_teacher_cache(config: Config, tokenizer, train_set, vocab_size: int):
@@ -682,16 +728,6 @@ def _check_same_run(saved: Path, config: Config) -> None:
     if changed:
         raise UserError(f"{saved.parent} holds a run with a different config ({', '.join(changed[:4])} changed); "
                         "use a new train.output_dir, or delete that directory to start over")
-
-
-def _has_accelerator() -> bool:
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
-def _data_cache_dir() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "tokenized"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -23,6 +23,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def deterministic_metrics(run_dir: Path) -> list[dict]:
+    """``run_dir``'s metrics.jsonl without the wall-clock numbers (throughput and the time split),
+    which differ between runs; everything else must match line for line."""
+    return [{k: v for k, v in m.items() if k != "tokens_per_s" and not k.startswith("time/")}
+            for m in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
 def poison_teacher(src: Path, dst: Path, token_id: int) -> Path:
     """A copy of the Llama at ``src`` whose weights are all finite but whose activations overflow
     float32 (inf, then NaN) in every sequence that holds ``token_id``, and in no other.

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from distill.training import checkpoints
 from tests.conftest import distill_config, write_config
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import deterministic_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,6 @@ CACHE = {"k": 8, "shard_size": 64}  # six shards of the workspace's training dat
 
 def config_path(tmp_path, ws, name, **sections):
     return str(write_config(tmp_path / f"{name}.yaml", distill_config(ws, tmp_path / name, **sections)))
-
-
-def strip(run_dir):  # wall-clock numbers differ between runs; everything else must match line for line
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def leftovers(run_dir):
@@ -86,7 +82,7 @@ def test_training_killed_in_a_write_resumes_to_the_same_result(workspace, refere
     ref = reference / "train"
     a, b = load_file(str(out / "student" / "model.safetensors")), load_file(str(ref / "student" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-exact
-    assert strip(out) == strip(ref)
+    assert deterministic_metrics(out) == deterministic_metrics(ref)
     assert [p.name for p in checkpoints(out)] == [p.name for p in checkpoints(ref)]
     assert sorted(p.name for p in (out / "student").iterdir()) == sorted(p.name for p in (ref / "student").iterdir())
     assert leftovers(out) == []

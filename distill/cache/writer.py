@@ -86,7 +86,7 @@ def shard_rows(teacher: nn.Module, dataset, examples: range, spec: TargetSpec, *
 
     Raises CacheError naming the example and the shard if the teacher's targets hold a NaN or +inf
     (−inf is an empty slot): such a shard is never written."""
-    from distill.training import fetch  # the trainer's own batching: the same padding and masks
+    from distill.build import fetch  # the trainer's own batching: the same padding and masks
 
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + shard_index) if spec.mode == "sampled" else None
     rows = []
@@ -220,7 +220,7 @@ def _check_same_cache(folder: Path, old: dict, new: dict) -> None:
 
 def cache(config, overrides: Optional[list[str]] = None) -> dict:
     """`distill cache`: build the teacher's cache as ``config`` says (a Config, dict or YAML path)."""
-    from distill import models, training
+    from distill import build
     from distill.config import load_config
     from distill.data import load_tokenized, tokenizer_fingerprint
 
@@ -230,13 +230,11 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
         raise ConfigError("distill cache needs teacher.model (the model whose targets it stores)")
     if not c.dir:
         raise ConfigError("distill cache needs cache.dir (the folder to write)")
-    accelerator = Accelerator(cpu=not training._has_accelerator())
-    tok_name, tokenizer = training.load_run_tokenizer(config)
-    dtype = training.teacher_dtype(config)
-    teacher = models.freeze(models.check_finite(
-        models.load_causal_lm(t.model, dtype=dtype, revision=t.revision, trust_remote_code=t.trust_remote_code),
-        f"the teacher {t.model}"))
-    vocab_size = training.shared_vocab(config, tok_name, tokenizer)
+    accelerator = Accelerator(cpu=not build.has_accelerator())
+    tok_name, tokenizer = build.load_run_tokenizer(config)
+    dtype = build.teacher_dtype(config)
+    teacher = build.load_teacher(config)
+    vocab_size = build.shared_vocab(config, tok_name, tokenizer)
     if teacher.get_output_embeddings().weight.shape[0] < vocab_size:
         raise CacheError(f"the tokenizer has {vocab_size} tokens but the teacher's vocabulary has only "
                          f"{teacher.get_output_embeddings().weight.shape[0]} rows")
@@ -244,7 +242,7 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
     with accelerator.main_process_first():
         train_set = load_tokenized(config.data.train, split=config.data.train_split,
                                    max_examples=config.data.max_train_examples,
-                                   **training.training_data_args(config, tokenizer))
+                                   **build.training_data_args(config, tokenizer))
     if c.mode == "topk":
         width = c.k or DEFAULT_K
         if width > vocab_size:
@@ -263,6 +261,6 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
         spec=spec, shard_size=c.shard_size, batch_size=c.batch_size)
     manifest = write_cache(teacher, train_set, c.dir, header=header, spec=spec, vocab_size=vocab_size,
                            pad_token_id=tokenizer.pad_token_id, batch_size=c.batch_size, shard_size=c.shard_size,
-                           plain_head=training.has_plain_lm_head(teacher), accelerator=accelerator)
+                           plain_head=build.has_plain_lm_head(teacher), accelerator=accelerator)
     return {"dir": str(c.dir), **manifest["totals"], "shards": len(manifest["shards"]),
             "written_now": manifest["written_now"], "main_process": accelerator.is_main_process}

@@ -12,7 +12,7 @@ a string``; see ``sources`` for how places are counted and ``formats`` for what 
 from distill.data.cache import tokenizer_fingerprint
 from distill.data.collate import collate
 from distill.data.formats import IGNORE_INDEX
-from distill.data.loading import load_tokenized
+from distill.data.loading import data_format, load_tokenized
 from distill.data.sources import DataError
 
-__all__ = ["DataError", "IGNORE_INDEX", "collate", "load_tokenized", "tokenizer_fingerprint"]
+__all__ = ["DataError", "IGNORE_INDEX", "collate", "data_format", "load_tokenized", "tokenizer_fingerprint"]

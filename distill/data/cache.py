@@ -24,7 +24,7 @@ import datasets
 from distill import faults
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1  # bump when the tokenized output of the same inputs changes
+CACHE_VERSION = 2  # bump when the tokenized output of the same inputs changes
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -32,6 +32,11 @@ Formats:
   ``"{role}: "`` + ``content + "\\n"`` per turn, with EOS after each assistant turn; the assistant
   content, its newline and that EOS are supervised.
 
+- ``prompt``: prompt-only data for on-policy distillation (``prompt_field`` and no completion):
+  ``prefix + prompt`` with nothing supervised; the completions are sampled during training. A
+  prompt longer than ``max_length`` is dropped and counted in a warning (cutting it would change
+  what it asks); an empty prompt is a ``DataError``.
+
 Supervised formats are not packed (``packing`` applies to ``text`` only): without per-document
 attention masks, packed examples would attend across example boundaries. Examples truncated to
 ``max_length`` are cut at the end; an example left with no supervised token (e.g. a prompt that
@@ -60,7 +65,8 @@ from distill.data.sources import DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-FORMATS = ("text", "prompt_completion", "chat")
+FORMATS = ("text", "prompt_completion", "chat", "prompt")
+PROMPT_FORMATS = ("prompt_completion", "chat", "prompt")  # formats that hold prompts (on-policy training)
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 SHOWN_PLACES = 3  # how many places a warning names
 _FEATURES = datasets.Features(
@@ -92,15 +98,19 @@ def resolve_format(
             return "prompt_completion"
         if text_field in columns:
             return "text"
+        if list(columns) == [prompt_field]:  # not with other columns: a misnamed completion would be ignored
+            return "prompt"
         raise DataError(
             f"cannot tell the data format of {where}: it has columns {list(columns)}, expected "
             f"{messages_field!r} (chat), {prompt_field!r} + {completion_field!r} "
-            f"(prompt_completion) or {text_field!r} (text); set the format or the field names"
+            f"(prompt_completion), {text_field!r} (text) or only {prompt_field!r} (prompt); set the "
+            "format or the field names"
         )
     required = {
         "text": [text_field],
         "prompt_completion": [prompt_field, completion_field],
         "chat": [messages_field],
+        "prompt": [prompt_field],
     }.get(format)
     if required is None:
         raise DataError(f"unknown data format {format!r}: use auto, {', '.join(FORMATS)}")
@@ -161,8 +171,10 @@ def _warn_rows(what: str, indices: list[int], count: int, locate) -> None:
     log.warning("%d %s: %s%s", count, what, ", ".join(locate(shown)), more)
 
 
-def _truncate(ids: list[int], labels: list[int], max_length: int):
-    """Cut at the end; ``None`` when nothing supervised is left."""
+def _truncate(ids: list[int], labels: list[int], max_length: int, *, prompt_only: bool = False):
+    """Cut at the end; ``None`` when nothing supervised is left (prompt-only: when it does not fit)."""
+    if prompt_only:
+        return (ids, labels) if len(ids) <= max_length else None
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
@@ -438,6 +450,15 @@ def tokenize_dataset(
                 prefix=prefix,
             )
 
+    elif format == "prompt":
+
+        def encode_row(row, index):
+            prompt = _check_str(row[prompt_field], prompt_field, index, locate)
+            if not prompt.strip():
+                raise DataError(f"{_at(locate, index)}: field {prompt_field!r} is empty: nothing to continue")
+            ids = prefix + _plain_ids(tokenizer, prompt)
+            return ids, [IGNORE_INDEX] * len(ids)
+
     else:
         template = chat_template_of(tokenizer)
         if template and not _GENERATION_TAG.search(template) and not tokenizer.is_fast:
@@ -481,7 +502,7 @@ def tokenize_dataset(
         out = {"input_ids": [], "labels": []}
         for offset, index in enumerate(indices):
             row = {name: batch[name][offset] for name in columns}
-            kept = _truncate(*encode_row(row, index), max_length)
+            kept = _truncate(*encode_row(row, index), max_length, prompt_only=format == "prompt")
             if kept is not None:
                 out["input_ids"].append(kept[0])
                 out["labels"].append(kept[1])
@@ -500,6 +521,11 @@ def tokenize_dataset(
         _warn_rows("chat examples with an assistant turn of empty content", empty_turns,
                    empty_count, locate)
     dropped = len(raw) - len(tokenized)
+    if format == "prompt" and dropped:
+        if not len(tokenized):
+            raise DataError(f"all {len(raw)} prompts are longer than max_length={max_length} tokens")
+        log.warning("dropped %d of %d prompts longer than max_length=%d tokens", dropped, len(raw), max_length)
+        return tokenized
     if len(tokenized) == 0:
         raise DataError(
             f"no supervised tokens: all {len(raw)} {format} examples have none within "

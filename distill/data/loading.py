@@ -41,9 +41,10 @@ def load_tokenized(
             hub dataset id (see ``distill.data.sources`` for how it is resolved; each .txt file is
             one document).
         tokenizer: a Hugging Face tokenizer with an EOS token.
-        format: "text", "prompt_completion", "chat", or "auto" (chosen by the columns present:
+        format: "text", "prompt_completion", "chat", "prompt" (prompt-only), or "auto" (chosen by the columns present:
             ``messages_field`` -> chat, ``prompt_field`` + ``completion_field`` ->
-            prompt_completion, ``text_field`` -> text).
+            prompt_completion, ``text_field`` -> text, ``prompt_field`` alone -> prompt).
+            ``data_format(result)`` tells which it was.
         max_length: the block length when packing text, else the truncation length.
         packing: pack text into blocks of exactly ``max_length``; ignored by supervised formats
             (see ``distill.data.formats`` for the rules of each format).
@@ -131,6 +132,17 @@ def load_tokenized(
     except UnicodeDecodeError as e:  # pyarrow can read bytes that are not UTF-8 into a string
         bad = first_bad_json(src) if src.builder == "json" else None
         raise DataError(bad or f"{src.describe()} is not valid UTF-8 text ({e.reason})") from e
+    tokenized.info.description = f"{FORMAT_TAG}{concrete}"  # saved with it: see data_format
     if cache_dir is None:
         return tokenized
     return save_cached(tokenized, cache_dir, fingerprint, key, resolved_format=concrete)
+
+
+FORMAT_TAG = "distill format: "
+
+
+def data_format(dataset: datasets.Dataset) -> str | None:
+    """The concrete format (text, prompt_completion, chat, prompt) a ``load_tokenized`` result was made
+    from, or None for a dataset made some other way."""
+    description = dataset.info.description or ""
+    return description[len(FORMAT_TAG):] if description.startswith(FORMAT_TAG) else None

@@ -1,0 +1,67 @@
+"""The teacher as a model in memory: full distributions, hidden states + head, token log-probs, samples."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from distill.build import has_plain_lm_head
+from distill.generation import Completion, SamplingSettings, sample
+from distill.losses import DEFAULT_CHUNK_SIZE, chunk_slices, slice_vocab
+from distill.losses.policy import token_logprobs
+from distill.teachers.base import TeacherSignal, finite
+
+
+class LiveTeacher:
+    """A frozen causal LM (its weights checked finite when it was loaded). Every answer runs under
+    ``no_grad``; ``seconds`` accumulates the time spent (synchronized on CUDA)."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.model, self.vocab_size, self.chunk_size = model, vocab_size, chunk_size
+        self.plain_head = has_plain_lm_head(model)
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def signal(self, inputs: dict, mask: Tensor, examples: Optional[Sequence[int]] = None, *, want: str,
+               tokens: Optional[Tensor] = None) -> TeacherSignal:
+        tic = time.perf_counter()
+        try:
+            return self._signal(inputs, mask, want, tokens)
+        finally:
+            if mask.device.type == "cuda":
+                torch.cuda.synchronize(mask.device)
+            self.seconds += time.perf_counter() - tic
+
+    def _signal(self, inputs, mask, want, tokens) -> TeacherSignal:
+        if want == "logits":
+            logits = slice_vocab(self.model(**inputs).logits[:, :-1][mask], self.vocab_size)  # (N, V)
+            return TeacherSignal(ok=finite(logits), logits=logits)
+        if want == "hidden" and self.plain_head:
+            hidden = self.model.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
+            head = self.model.get_output_embeddings()  # its weights were checked when it was loaded
+            return TeacherSignal(ok=torch.isfinite(hidden).all(), hidden=hidden, weight=head.weight, bias=head.bias)
+        if want == "hidden":  # soft-capped or scaled logits: no fused head
+            return self._signal(inputs, mask, "logits", tokens)
+        if want == "token_logprobs":
+            if tokens is None:
+                raise ValueError("want='token_logprobs' needs the tokens")
+            if not self.plain_head:
+                logits = slice_vocab(self.model(**inputs).logits[:, :-1][mask], self.vocab_size)
+                values = token_logprobs(logits, tokens)
+            else:  # the head a chunk of rows at a time: never all (N, V) logits
+                hidden = self.model.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d_t)
+                head = self.model.get_output_embeddings()
+                values = torch.cat([token_logprobs(slice_vocab(head(hidden[rows]), self.vocab_size), tokens[rows])
+                                    for rows in chunk_slices(hidden.shape[0], self.chunk_size)]
+                                   or [hidden.new_zeros(0, dtype=torch.float32)])  # (N,)
+            return TeacherSignal(ok=finite(values), token_logprobs=values)
+        raise ValueError(f"unknown want {want!r}")
+
+    def sample(self, prompts: Sequence[Sequence[int]], *, settings: SamplingSettings, seeds: Sequence[int],
+               eos_token_id: int, pad_token_id: int, batch_size: Optional[int] = None, autocast=None) -> list[Completion]:
+        """The teacher's own continuations of ``prompts`` (sequence-level KD), seeded per row."""
+        return sample(self.model, prompts, settings=settings, seeds=seeds, eos_token_id=eos_token_id,
+                      pad_token_id=pad_token_id, batch_size=batch_size, autocast=autocast)
