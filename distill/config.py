@@ -264,8 +264,9 @@ def validate(c: Config) -> None:
 
     if generating:
         _check(bool(c.teacher.model), "generation.lmbda > 0 / seq_kd needs teacher.model (it scores the samples)")
-        _check(loss.kd_weight > 0, "generation.lmbda > 0 / seq_kd needs loss.kd_weight > 0 (the teacher grades the "
-                                   "samples; CE alone on the student's own samples teaches it nothing new)")
+        # seq_kd alone with kd_weight 0 is Kim & Rush's sequence-level KD: CE on the teacher's samples.
+        _check(loss.kd_weight > 0 or g.lmbda == 0, "generation.lmbda > 0 needs loss.kd_weight > 0 (the teacher "
+               "grades the student's samples; CE alone on its own samples teaches it nothing new)")
     if loss.kd_weight > 0 and not c.teacher.model and not from_cache:
         raise ConfigError("teacher.model is required when loss.kd_weight > 0 (set loss.kd_weight=0 for "
                           "supervised training without a teacher)")

@@ -22,7 +22,7 @@ def test_every_example_config_validates(path):
     config = load_config(path)
     assert isinstance(config, Config)
     raw = yaml.safe_load(path.read_text())
-    assert set(raw) <= {"teacher", "student", "data", "loss", "train", "cache"}
+    assert set(raw) <= {"teacher", "student", "data", "loss", "train", "cache", "generation"}
 
 
 def test_defaults_and_overrides():
@@ -60,6 +60,18 @@ def test_int_is_accepted_as_float_but_not_the_reverse():
     (["data.train=null"], r"data.train is required"),
     (["train=3"], r"train: expected a mapping"),
     (["noequals"], r"not of the form key.sub=value"),
+    (["generation.lmbda=1.5"], r"generation.lmbda must be in \[0, 1\]"),
+    (["generation.lambda=0.5"], r"unknown key 'generation.lambda'.*did you mean 'generation.lmbda'"),
+    (["generation.top_p=0"], r"top_p in \(0, 1\]"),
+    (["generation.max_new_tokens=0"], r"max_new_tokens and num_generations must be > 0"),
+    (["generation.temperature=0"], r"generation.temperature must be > 0"),
+    (["generation.seq_kd=true", "generation.lmbda=1"], r"seq_kd has no effect with generation.lmbda=1"),
+    (["generation.lmbda=0.5", "loss.kd_weight=0", "loss.ce_weight=1"], r"lmbda > 0 needs loss.kd_weight > 0"),
+    (["loss.divergence=sampled_reverse_kl"], r"needs generation.lmbda=1"),
+    (["loss.divergence=sampled_reverse_kl", "generation.lmbda=1", "loss.temperature=2"],
+     r"set loss.temperature=1"),
+    (["loss.discount=0.5"], r"loss.discount applies only to sampled_reverse_kl"),
+    (["loss.divergence=sampled_reverse_kl", "generation.lmbda=1", "loss.discount=2"], r"discount must be in \[0, 1\]"),
 ])
 def test_bad_configs_are_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -108,3 +120,13 @@ def test_cli_config_prints_resolved_config(tmp_path, capsys):
     assert main(["config", str(path), "train.seed=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 7 and printed["loss"]["divergence"] == "forward_kl"
+
+
+def test_on_policy_settings_that_are_valid():
+    c = load_config(MINIMAL, ["generation.lmbda=0.5", "loss.divergence=jsd", "loss.beta=0.5", "generation.top_k=20"])
+    assert c.generation.lmbda == 0.5 and c.generation.top_k == 20 and c.generation.max_new_tokens == 128
+    c = load_config(MINIMAL, ["loss.divergence=sampled_reverse_kl", "generation.lmbda=1", "loss.discount=0.9"])
+    assert c.loss.discount == 0.9
+    # Sequence-level KD alone (Kim & Rush): plain CE on the teacher's samples is a valid objective.
+    c = load_config(MINIMAL, ["generation.seq_kd=true", "loss.kd_weight=0", "loss.ce_weight=1"])
+    assert c.generation.seq_kd and c.generation.lmbda == 0

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerFast
 import distill.data.formats as formats_module
 import distill.data.loading as loading_module
 import distill.data.sources as sources_module
-from distill.data import DataError, collate, load_tokenized, tokenizer_fingerprint
+from distill.data import DataError, collate, data_format, load_tokenized, tokenizer_fingerprint
 from distill.data.formats import assistant_spans, pack_blocks
 from distill.data.sources import load_raw, resolve_source
 from distill.errors import UserError
@@ -250,6 +250,46 @@ def test_prompt_completion_boundary_is_exact_with_bpe(tmp_path):
     assert X not in row["labels"][n_prompt:]
     assert tok.decode(row["input_ids"][:n_prompt]) == prompt
     assert tok.decode(row["labels"][n_prompt:]) == completion + "<eos>"
+
+
+# ---- prompt only (on-policy training) --------------------------------------------------------
+
+
+def test_prompt_only_rows_keep_the_whole_prompt_unsupervised_and_no_eos(tmp_path):
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world"}, {"prompt": "the cat"}])
+    ds = load_tokenized(src, tokenizer=word_tokenizer(bos=True), max_length=16)
+    assert rows_of(ds) == [([BOS] + w("hello world"), [X, X, X]), ([BOS] + w("the cat"), [X, X, X])]
+    assert data_format(ds) == "prompt"  # auto: "prompt" is the only column
+
+
+def test_a_prompt_column_beside_others_is_not_silently_prompt_only(tmp_path):
+    # A misnamed completion ("answer") would otherwise be dropped without a word.
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "you"}])
+    assert "cannot tell the data format" in _error(tmp_path, src)
+    ds = load_tokenized(src, tokenizer=word_tokenizer(), max_length=16, format="prompt")
+    assert rows_of(ds) == [(w("hi"), [X])]
+
+
+def test_long_prompts_are_dropped_with_a_warning_and_all_dropped_is_an_error(tmp_path, caplog):
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "hello world the cat"}, {"prompt": "hi"}])
+    ds = load_tokenized(src, tokenizer=word_tokenizer(), max_length=3)
+    assert rows_of(ds) == [(w("hi"), [X])]
+    assert "dropped 1 of 2 prompts longer than max_length=3" in caplog.text
+    src = jsonl(tmp_path / "long.jsonl", [{"prompt": "hello world the cat"}])
+    assert "all 1 prompts are longer than max_length=3" in _error(tmp_path, src, max_length=3)
+
+
+def test_an_empty_prompt_names_its_line(tmp_path):
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "  "}])
+    assert _error(tmp_path, src).startswith(f"{src}:2: field 'prompt' is empty")
+
+
+def test_data_format_is_recorded_for_every_format(tmp_path):
+    pc = jsonl(tmp_path / "pc.jsonl", [{"prompt": "hi", "completion": "you"}])
+    text = jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
+    assert data_format(load_tokenized(pc, tokenizer=word_tokenizer(), max_length=16)) == "prompt_completion"
+    assert data_format(load_tokenized(text, tokenizer=word_tokenizer(), max_length=16)) == "text"
+    assert data_format(datasets.Dataset.from_dict({"input_ids": [[1]]})) is None
 
 
 # ---- chat -----------------------------------------------------------------------------------
