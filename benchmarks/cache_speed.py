@@ -90,6 +90,7 @@ def write_speed(config: dict, args) -> dict:
     from distill.cache.writer import TargetSpec, make_header, write_cache
     from distill.config import load_config
     from distill.data import load_tokenized, tokenizer_fingerprint
+    from distill.teachers import LiveTeacher
 
     cfg = load_config({k: v for k, v in config.items() if not k.startswith("_")})
     _, tokenizer = build.load_run_tokenizer(cfg)
@@ -113,9 +114,9 @@ def write_speed(config: dict, args) -> dict:
                          dataset=dataset, data_info={}, spec=spec, shard_size=32, batch_size=args.batch_size)
 
     def cache(folder):
-        write_cache(teacher, dataset, folder, header=header, spec=spec, vocab_size=len(tokenizer),
-                    pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size, shard_size=32, plain_head=True,
-                    accelerator=accelerator)
+        write_cache(LiveTeacher(teacher, len(tokenizer)), dataset, folder, header=header, spec=spec,
+                    vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size,
+                    shard_size=32, accelerator=accelerator)
 
     times = {"plain": [], "cache": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -55,6 +55,7 @@ from distill.errors import UserError
 from distill.generation import NonFiniteGuard, SamplingSettings, row_seed, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, cross_entropy,
                             forward_kl, reverse_kl, slice_vocab)
+from distill.teachers import LiveTeacher
 
 ECE_BINS = 15
 PROMPT_TOKENS = 32  # document-prefix prompts: this many tokens (half the document if shorter)
@@ -420,16 +421,19 @@ def teacher_nll(teacher: nn.Module, prompts: Sequence[Sequence[int]], completion
     Returns ``(sum of −log p_teacher(token | prompt, earlier completion tokens), number of tokens)``
     over every completion token (prompt tokens are context only); divide for the mean per token.
     """
+    source = LiveTeacher(teacher, vocab_size)
     examples = [dict(input_ids=list(p) + list(c), labels=[-100] * len(p) + list(c))
                 for p, c in zip(prompts, completions) if len(c)]
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], pad_token_id=pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        targets, chunks = supervised_logits(teacher, batch, vocab_size)
-        for rows, logits in chunks:
-            total += cross_entropy(logits, targets[rows]).double().sum().item()
-            count += logits.shape[0]
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100  # (B, T-1): position t predicts completion token t+1
+        values = source.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
+                               want="token_logprobs", tokens=labels[mask]).token_logprobs  # (N,)
+        total -= values.double().sum().item()
+        count += values.shape[0]
     return total, count
 
 

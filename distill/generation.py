@@ -165,14 +165,26 @@ def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, p
     device = model.get_output_embeddings().weight.device
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     ids, mask = left_pad(prompts, pad_token_id, device)  # (B, P)
+    context = autocast if autocast is not None else contextlib.nullcontext
+    # The whole loop in one autocast region (the precision training runs its forwards at).
+    with context():
+        new = _decode(model, ids, mask, generators, s, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      guard=guard)
+    result = []
+    for row in new:
+        ended = eos_token_id in row
+        result.append(Completion(row[:row.index(eos_token_id)] if ended else row, ended))
+    return result
+
+
+def _decode(model, ids, mask, generators, s: SamplingSettings, *, eos_token_id, pad_token_id, guard) -> list[list[int]]:
+    """The sampled token rows (B, n) for left-padded prompts ``ids`` / ``mask`` (B, P); a row that
+    sampled EOS is padded with ``pad_token_id`` after it."""
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): 0 at each row's first real token
     cache_arg = _cache_argument(model)
-    context = autocast if autocast is not None else contextlib.nullcontext
-    rows = ids.shape[0]
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (B,)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # (B,)
     tokens = []
-    with context():
-        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     for t in range(s.max_new_tokens):
         scores = output.logits[:, -1].float()  # (B, V)
         if guard is not None:
@@ -191,13 +203,6 @@ def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, p
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # (B, P + t + 1)
         positions = positions[:, -1:] + 1  # (B, 1)
-        with context():
-            output = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1, **{cache_arg: _cache_of(output)})
-    new = torch.stack(tokens, dim=1).tolist()  # (B, n)
-    result = []
-    for row in new:
-        ended = eos_token_id in row
-        result.append(Completion(row[:row.index(eos_token_id)] if ended else row, ended))
-    return result
-
+        output = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_arg: _cache_of(output)})
+    return torch.stack(tokens, dim=1).tolist()

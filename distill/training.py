@@ -601,8 +601,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                     record["time/generated_tokens_per_s"] = (state["window_generated"] / world / timing["generation"]
                                                              if timing["generation"] else None)
                 teacher_s = teacher_source.seconds if teacher_source is not None else 0.0
-                record.update({"time/generation_s": timing["generation"], "time/teacher_s": teacher_s,
-                               "time/student_s": max(0.0, timing["step"] - teacher_s)})
+                record.update({"time/wall_s": elapsed, "time/generation_s": timing["generation"],
+                               "time/teacher_s": teacher_s, "time/student_s": max(0.0, timing["step"] - teacher_s)})
                 metrics.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=_show(record["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")

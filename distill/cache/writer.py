@@ -21,8 +21,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
 
 from distill.cache.format import (FORMAT, MANIFEST, PARTIAL, ROW_GROUP_SIZE, VERSION, CacheError, data_fingerprint,
                                   encode, id_bytes, read_manifest, shard_info, shard_name, value_encoding,
@@ -30,6 +30,7 @@ from distill.cache.format import (FORMAT, MANIFEST, PARTIAL, ROW_GROUP_SIZE, VER
 from distill import faults
 from distill.errors import ConfigError
 from distill.losses import SparseTargets, chunk_slices, sampled_targets, slice_vocab, topk_targets
+from distill.teachers import LiveTeacher
 
 DEFAULT_K = 64
 DEFAULT_SAMPLES = 64
@@ -48,20 +49,22 @@ class TargetSpec:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: nn.Module, inputs: dict, mask: torch.Tensor, spec: TargetSpec, *, vocab_size: int,
-                    plain_head: bool, generator: Optional[torch.Generator] = None) -> SparseTargets:
+def teacher_targets(teacher: LiveTeacher, inputs: dict, mask: torch.Tensor, spec: TargetSpec, *, vocab_size: int,
+                    generator: Optional[torch.Generator] = None) -> SparseTargets:
     """The teacher's sparse targets at the supervised positions of one batch, a chunk of rows at a time.
 
     Shapes: inputs' tensors (B, T); mask (B, T-1); returns ids/logprobs (N, width), log_tail (N,).
     A position whose logits hold a NaN or +inf gets NaN log-probabilities and tail (never a sample
     drawn from them), for the caller to refuse.
     """
-    if plain_head:  # never all (N, V) logits: the head runs per chunk
-        rows_in = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d)
-        head = teacher.get_output_embeddings()
+    # Final hidden states + head where the head is a plain linear map: never all (N, V) logits, the
+    # head runs per chunk; otherwise (soft-capping, logit scaling) the teacher's full logits.
+    signal = teacher.signal(inputs, mask, want="hidden")
+    if signal.hidden is not None:
+        rows_in = signal.hidden  # (N, d)
+        head = lambda h: F.linear(h, signal.weight, signal.bias)  # noqa: E731
     else:
-        rows_in = teacher(**inputs).logits[:, :-1][mask]  # (N, V_t)
-        head = None
+        rows_in, head = signal.logits, None  # (N, V)
     parts = []
     for rows in chunk_slices(rows_in.shape[0], TARGET_CHUNK):
         logits = slice_vocab(head(rows_in[rows]) if head is not None else rows_in[rows], vocab_size)  # (C, V)
@@ -80,8 +83,8 @@ def teacher_targets(teacher: nn.Module, inputs: dict, mask: torch.Tensor, spec: 
                          torch.cat([p.log_tail for p in parts]), spec.temperature)
 
 
-def shard_rows(teacher: nn.Module, dataset, examples: range, spec: TargetSpec, *, vocab_size: int, batch_size: int,
-               pad_token_id: int, plain_head: bool, device, shard_index: int) -> list[dict]:
+def shard_rows(teacher: LiveTeacher, dataset, examples: range, spec: TargetSpec, *, vocab_size: int, batch_size: int,
+               pad_token_id: int, device, shard_index: int) -> list[dict]:
     """The Parquet rows of one shard: the encoded targets of ``examples``, in fixed batches.
 
     Raises CacheError naming the example and the shard if the teacher's targets hold a NaN or +inf
@@ -95,8 +98,7 @@ def shard_rows(teacher: nn.Module, dataset, examples: range, spec: TargetSpec, *
         batch = fetch(dataset, indices, pad_token_id, device)
         mask = batch["labels"][:, 1:] != -100  # (B, T-1): the positions training supervises, in its order
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        targets = teacher_targets(teacher, inputs, mask, spec, vocab_size=vocab_size, plain_head=plain_head,
-                                  generator=generator)
+        targets = teacher_targets(teacher, inputs, mask, spec, vocab_size=vocab_size, generator=generator)
         ids, logprobs, tails = (x.float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
                                 for x in (targets.ids, targets.logprobs, targets.log_tail))
         broken = (np.isnan(logprobs) | np.isposinf(logprobs)).any(-1) | np.isnan(tails) | np.isposinf(tails)  # (N,)
@@ -143,9 +145,8 @@ def make_header(*, teacher_info: dict, tokenizer_sha256: str, vocab_size: int, d
     }
 
 
-def write_cache(teacher: nn.Module, dataset, folder, *, header: dict, spec: TargetSpec, vocab_size: int,
-                pad_token_id: int, batch_size: int, shard_size: int, plain_head: bool,
-                accelerator: Accelerator) -> dict:
+def write_cache(teacher: LiveTeacher, dataset, folder, *, header: dict, spec: TargetSpec, vocab_size: int,
+                pad_token_id: int, batch_size: int, shard_size: int, accelerator: Accelerator) -> dict:
     """Write (or finish) the cache in ``folder``; returns its manifest. Every process calls this."""
     folder = Path(folder)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -179,7 +180,7 @@ def write_cache(teacher: nn.Module, dataset, folder, *, header: dict, spec: Targ
                 continue
             rows = shard_rows(teacher, dataset, range(index * shard_size, min((index + 1) * shard_size, n)), spec,
                               vocab_size=vocab_size, batch_size=batch_size, pad_token_id=pad_token_id,
-                              plain_head=plain_head, device=accelerator.device, shard_index=index)
+                              device=accelerator.device, shard_index=index)
             if pending is not None:
                 pending.result()
             pending = pool.submit(write_shard, path, rows)
@@ -259,8 +260,8 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
         data_info={"train": d.train, "format": d.format, "max_length": d.max_length, "packing": d.packing,
                    "max_train_examples": d.max_train_examples},
         spec=spec, shard_size=c.shard_size, batch_size=c.batch_size)
-    manifest = write_cache(teacher, train_set, c.dir, header=header, spec=spec, vocab_size=vocab_size,
-                           pad_token_id=tokenizer.pad_token_id, batch_size=c.batch_size, shard_size=c.shard_size,
-                           plain_head=build.has_plain_lm_head(teacher), accelerator=accelerator)
+    manifest = write_cache(LiveTeacher(teacher, vocab_size), train_set, c.dir, header=header, spec=spec,
+                           vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, batch_size=c.batch_size,
+                           shard_size=c.shard_size, accelerator=accelerator)
     return {"dir": str(c.dir), **manifest["totals"], "shards": len(manifest["shards"]),
             "written_now": manifest["written_now"], "main_process": accelerator.is_main_process}
