@@ -64,3 +64,58 @@ def test_sampled_batches_supervise_only_completions_and_their_eos():
     assert made["tokens"] == 3 + 1 + 3 + 1  # sampled tokens, each sampled EOS included
     assert [(r["example"], r["generation"], r["ended"]) for r in made["records"]] == [
         (3, 0, True), (3, 1, False), (10, 0, False), (10, 1, True)]
+
+
+@pytest.mark.parametrize("divergence, chunk_size", [("reverse_kl", 0), ("reverse_kl", 5), ("jsd", 5),
+                                                    ("sampled_reverse_kl", 0)])
+def test_the_teacher_scores_exactly_the_sampled_sequences(tmp_path, divergence, chunk_size):
+    """The loss of a sampled micro-batch equals a float64 reference computed from a manual teacher
+    and student forward over each row's own prompt + completion (+ EOS), completion positions only."""
+    import datasets
+    import torch
+
+    from distill.batches import step_batches
+    from distill.generation import SamplingSettings, sample
+    from distill.losses import jsd, reverse_kl
+    from distill.teachers import LiveTeacher
+    from distill.toy import make_llama
+    from distill.training import Backbone, LossSettings, micro_batch_loss
+
+    vocab, eos, pad = 40, 0, 1
+    teacher = make_llama(tmp_path / "t", vocab_size=vocab, seed=1).eval()
+    student = make_llama(tmp_path / "s", vocab_size=vocab, seed=2).eval()
+    data = [{"input_ids": [5, 6, 7, 8, eos], "labels": [X, X, 7, 8, eos]},
+            {"input_ids": [9, 10, 11, 12, 13, eos], "labels": [X, X, X, 12, 13, eos]},
+            {"input_ids": [14, 15, 16], "labels": [X, X, X]}]  # prompt only
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.5)
+    made = step_batches(datasets.Dataset.from_list(data), [[0, 1, 2]], step=3, source="student", seed=0, num_generations=2, pad_token_id=pad,
+                        eos_token_id=eos, device="cpu",
+                        generate=lambda prompts, seeds: sample(student, prompts, settings=settings, seeds=seeds,
+                                                               eos_token_id=eos, pad_token_id=pad))
+    (batch,) = made.batches
+    s = LossSettings(divergence=divergence, divergence_kwargs={"beta": 0.5} if divergence == "jsd" else {},
+                     temperature=1.0, scale_by_tau2=True, kd_weight=1.0, ce_weight=0.0, chunk_size=chunk_size,
+                     vocab_size=vocab)
+    with torch.no_grad():
+        parts, ok = micro_batch_loss(Backbone(student), LiveTeacher(teacher, vocab, chunk_size=4), batch, s)
+    assert bool(ok)
+
+    expected, count = torch.zeros((), dtype=torch.float64), 0
+    for r in made.samples:
+        tail = r["completion_ids"] + ([eos] if r["ended"] else [])
+        seq = torch.tensor([r["prompt_ids"] + tail])
+        with torch.no_grad():
+            p_logits = teacher(input_ids=seq).logits[0].double()
+            q_logits = student(input_ids=seq).logits[0].double()
+        rows = torch.arange(len(r["prompt_ids"]) - 1, seq.shape[1] - 1)  # positions that predict the completion
+        targets = seq[0, rows + 1]
+        if divergence == "sampled_reverse_kl":  # the value is the sampled-token estimate log q - log p
+            expected += (q_logits[rows].log_softmax(-1).gather(-1, targets[:, None])
+                         - p_logits[rows].log_softmax(-1).gather(-1, targets[:, None])).sum()
+        elif divergence == "reverse_kl":
+            expected += reverse_kl(q_logits[rows], p_logits[rows]).sum()
+        else:
+            expected += jsd(q_logits[rows], p_logits[rows], beta=0.5).sum()
+        count += len(rows)
+    assert int(parts.num_supervised) == count == made.generated_tokens
+    assert float(parts.kd) == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
