@@ -43,6 +43,61 @@ def load_tokenizer(name: str, *, revision: Optional[str] = None, trust_remote_co
     return tokenizer
 
 
+SPECIAL_TOKENS = ("bos", "eos", "pad")
+
+
+def _agrees(value, token_id) -> bool:
+    """A config's id (or list of ids: several stop tokens) agrees with the tokenizer's ``token_id``."""
+    return token_id in value if isinstance(value, (list, tuple)) else value == token_id
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer) -> list[str]:
+    """Make ``model``'s config and generation config carry the tokenizer's BOS / EOS ids, and the
+    generation config its pad id.
+
+    The tokenizer is the truth: it is what llama.cpp, vLLM and every other consumer reads, and the
+    ids the training loop uses. An id that already agrees is kept (a list of stop ids that contains
+    the tokenizer's EOS stays a list). Where the tokenizer has no such token, a config id naming a
+    token that is not special at all (Llama's default ``bos_token_id: 1`` in a BPE where 1 is ``!``)
+    is cleared. Returns one description per change, e.g. ``"eos_token_id 2 ('\"') -> 0 ('<|endoftext|>')"``.
+    """
+    special = set(tokenizer.all_special_ids)
+    changes = []
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        for kind in SPECIAL_TOKENS:
+            key = f"{kind}_token_id"
+            want = getattr(tokenizer, key, None)
+            have = getattr(config, key, None)
+            if kind == "pad" and config is model.config:
+                # config.json's pad id becomes the embedding's padding_idx when the model is built,
+                # which freezes that row's gradient: with pad = EOS (the usual case) EOS would stop
+                # learning. So the pad id goes to generation_config.json only, and config.json's is
+                # merely cleared when it names a token that is not special at all.
+                want = None
+            if want is not None and not _agrees(have, want):
+                new = want
+            elif want is None and have is not None and not isinstance(have, (list, tuple)) and have not in special:
+                new = None
+            else:
+                continue
+            setattr(config, key, new)
+            text = f"{key} {have} ({_token(tokenizer, have)}) -> {new} ({_token(tokenizer, new)})"
+            if text not in changes:
+                changes.append(text)
+    return changes
+
+
+def _token(tokenizer, token_id) -> str:
+    if token_id is None or isinstance(token_id, (list, tuple)):
+        return "none" if token_id is None else "several"
+    try:
+        return repr(tokenizer.convert_ids_to_tokens(int(token_id)))
+    except (IndexError, ValueError, TypeError):
+        return "out of the vocabulary"
+
+
 def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
                    trust_remote_code: bool = False) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` from safetensors, with user errors on one line."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import logging
 import os
 import shutil
 import signal
@@ -43,6 +44,7 @@ from distill.losses.policy import chunked_token_logprobs, sampled_kd_loss, token
 from distill import models
 from distill.teachers import CacheTeacher, LiveTeacher, TeacherSignal
 
+log = logging.getLogger(__name__)
 SAMPLED_OBJECTIVE = "sampled_reverse_kl"  # loss.divergence: the policy-gradient objective (losses/policy.py)
 
 # Settings that may change between an interrupted run and its resumption.
@@ -320,6 +322,7 @@ def save_student(model: nn.Module, tokenizer, out: Path) -> Path:
     """The student in standard Hugging Face format in ``out/student``, written whole or not at all."""
     final, tmp = out / "student", out / ".tmp-student"
     shutil.rmtree(tmp, ignore_errors=True)
+    models.align_special_tokens(model, tokenizer)  # config.json and generation_config.json: the tokenizer's ids
     try:
         model.save_pretrained(tmp)
         faults.point("student")
@@ -413,6 +416,16 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:
         student = models.student_from_teacher_layers(teacher, config.student.init_from_teacher_layers).float()
+    # Every model this run writes or samples from carries the tokenizer's BOS / EOS / pad ids.
+    fixed = models.align_special_tokens(student, tokenizer)
+    if fixed and config.student.model and accelerator.is_main_process:
+        log.warning("the student's config disagrees with the tokenizer (%s): the saved student carries the "
+                    "tokenizer's ids", "; ".join(fixed))
+    if teacher is not None:
+        fixed = models.align_special_tokens(teacher, tokenizer)
+        if fixed and accelerator.is_main_process:
+            log.warning("the teacher's config disagrees with the tokenizer (%s): distill uses the tokenizer's ids",
+                        "; ".join(fixed))
     if from_cache:
         teacher = None  # it only gave the student its layers
     widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]

@@ -9,7 +9,10 @@ split by a hash of its path into train (90%) / eval (5%) / test (5%), stored as 
 with columns ``path`` and ``text``, plus CPython's license. Deterministic: the same Lib/ gives
 byte-identical files.
 tokenizer: byte-level BPE with 8,192 tokens trained on the train split, Hugging Face format.
-teacher: copies the trained student of runs/quickstart-teacher into the package (safetensors).
+teacher: copies the trained student of runs/quickstart-teacher into the package (safetensors), its
+config carrying the tokenizer's BOS / EOS ids. special-tokens: rewrites only the bundled teacher's
+config.json and generation_config.json with the tokenizer's ids (the teacher first shipped with
+Llama's defaults, bos 1 / eos 2, which are "!" and '"' in this tokenizer); the weights are untouched.
 """
 
 from __future__ import annotations
@@ -87,13 +90,34 @@ def build_tokenizer(vocab_size: int = 8192) -> None:
 def copy_teacher(run: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.models import align_special_tokens
+
     model = AutoModelForCausalLM.from_pretrained(run / "student")
+    tokenizer = AutoTokenizer.from_pretrained(run / "student")
+    align_special_tokens(model, tokenizer)  # config.json / generation_config.json: the tokenizer's ids
     target = ASSETS / "teacher"
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(run / "student").save_pretrained(target)
+    tokenizer.save_pretrained(target)
     size = sum(f.stat().st_size for f in target.iterdir())
     print(f"teacher: {sum(p.numel() for p in model.parameters()):,} parameters, {size / 2**20:.1f} MiB in {target}")
+
+
+def fix_special_tokens() -> None:
+    """Rewrite the bundled teacher's config.json and generation_config.json with the tokenizer's
+    BOS / EOS / pad ids (teachers built before `distill train` aligned them carried Llama's default
+    ``bos_token_id: 1, eos_token_id: 2``, which are ``!`` and ``"`` in this tokenizer). The weights
+    are not touched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.models import align_special_tokens
+
+    target = ASSETS / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(target)
+    changes = align_special_tokens(model, AutoTokenizer.from_pretrained(target))
+    model.config.save_pretrained(target)
+    model.generation_config.save_pretrained(target)
+    print("teacher: " + ("; ".join(changes) if changes else "special tokens already agree with the tokenizer"))
 
 
 def main() -> None:
@@ -104,11 +128,14 @@ def main() -> None:
     sub.add_parser("tokenizer")
     teacher = sub.add_parser("teacher")
     teacher.add_argument("--run", type=Path, default=Path("runs/quickstart-teacher"))
+    sub.add_parser("special-tokens", help="align the bundled teacher's config with its tokenizer (weights untouched)")
     args = parser.parse_args()
     if args.what == "corpus":
         build_corpus(args.lib)
     elif args.what == "tokenizer":
         build_tokenizer()
+    elif args.what == "special-tokens":
+        fix_special_tokens()
     else:
         copy_teacher(args.run)
 
