@@ -54,10 +54,11 @@ from distill.data import collate, load_tokenized
 from distill.errors import UserError
 from distill.generation import NonFiniteGuard, SamplingSettings, row_seed, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, cross_entropy,
-                            forward_kl, reverse_kl, slice_vocab)
+                            forward_kl, reverse_kl, slice_vocab, tvd)
 from distill.teachers import LiveTeacher
 
 ECE_BINS = 15
+DRAFT_GAMMA = 4  # draft tokens per verification step for draft_tokens_per_step
 PROMPT_TOKENS = 32  # document-prefix prompts: this many tokens (half the document if shorter)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -73,6 +74,12 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "top1_agreement": ("top-1 agreement with teacher", "max", "same argmax as the teacher"),
     "forward_kl": ("forward KL to teacher", "min", "KL(p_teacher‖q_model) per token, τ = 1"),
     "reverse_kl": ("reverse KL to teacher", "min", "KL(q_model‖p_teacher) per token, τ = 1"),
+    "draft_acceptance": ("draft acceptance α", "max",
+                         "mean Σ min(p_teacher, q_model) = 1 − TVD: the chance the teacher accepts this model's "
+                         "draft token in speculative sampling"),
+    "draft_tokens_per_step": (f"tokens per teacher step, γ = {DRAFT_GAMMA}", "max",
+                              f"(1 − α^(γ+1)) / (1 − α): expected tokens per teacher forward with {DRAFT_GAMMA} "
+                              "draft tokens"),
     "teacher_nll": ("teacher NLL of generations", "min",
                     "teacher's mean negative log-likelihood per token of the model's own samples"),
     "valid_python": ("valid Python", "max", "fraction of prompt + completion that parse with ast"),
@@ -83,7 +90,7 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "forward_tokens_per_s": ("forward tokens/s", "max", "tokens per second through a full forward pass"),
 }
 LIKELIHOOD_KEYS = ("eval_ce", "perplexity", "top1_accuracy", "ece")
-FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl")
+FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance", "draft_tokens_per_step")
 GENERATION_KEYS = ("teacher_nll", "valid_python", "distinct_1", "distinct_2")
 SPEED_KEYS = ("generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s")
 
@@ -337,6 +344,7 @@ class _Sums:
     agree: float = 0.0
     fkl: float = 0.0
     rkl: float = 0.0
+    accept: float = 0.0
     bins: Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS, 3, dtype=torch.float64))
     nonfinite: int | Tensor = 0  # positions whose logits hold a NaN or an infinity; stays on the device
 
@@ -354,6 +362,7 @@ class _Sums:
             self.agree += (top1 == t_logits.argmax(-1)).sum().item()
             self.fkl += forward_kl(logits, t_logits).double().sum().item()
             self.rkl += reverse_kl(logits, t_logits).double().sum().item()
+            self.accept += draft_acceptance(logits, t_logits).double().sum().item()
 
     def metrics(self, with_teacher: bool, teacher_finite: bool = True) -> dict:
         """The per-token means; a model with any non-finite position gets None for all of them, and
@@ -371,8 +380,23 @@ class _Sums:
         if with_teacher and (nonfinite or not teacher_finite):
             out["nonfinite_metrics"] += FIDELITY_KEYS
         elif with_teacher:
-            out.update(top1_agreement=self.agree / n, forward_kl=self.fkl / n, reverse_kl=self.rkl / n)
+            alpha = self.accept / n
+            out.update(top1_agreement=self.agree / n, forward_kl=self.fkl / n, reverse_kl=self.rkl / n,
+                       draft_acceptance=alpha, draft_tokens_per_step=expected_tokens_per_step(alpha))
         return out
+
+
+def draft_acceptance(draft_logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Per position, the probability that speculative sampling accepts a token drafted from
+    ``draft_logits`` by a target model with ``target_logits``: Σ_x min(p(x), q(x)) = 1 − TVD(p, q)
+    (Leviathan et al. 2023). Shapes: (..., V) -> (...), float32."""
+    return 1.0 - tvd(draft_logits, target_logits)
+
+
+def expected_tokens_per_step(alpha: float, gamma: int = DRAFT_GAMMA) -> float:
+    """Expected tokens per target-model forward with ``gamma`` draft tokens accepted independently with
+    probability ``alpha``: (1 − α^(γ+1)) / (1 − α), which is γ + 1 at α = 1."""
+    return float(gamma + 1) if alpha >= 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
 def finite_rows(logits: Tensor) -> Tensor:

@@ -36,11 +36,12 @@ NONFINITE = "non-finite"  # what a cell shows for a metric that NaN or infinite 
 GROUPS = [
     ("Size", ["params", "size_mb"]),
     ("Likelihood on the data", ["eval_ce", "perplexity", "top1_accuracy", "ece"]),
-    ("Fidelity to the teacher", ["top1_agreement", "forward_kl", "reverse_kl"]),
+    ("Fidelity to the teacher", ["top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance",
+                                 "draft_tokens_per_step"]),
     ("Generation", ["teacher_nll", "valid_python", "distinct_1", "distinct_2"]),
     ("Speed", ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s"]),
 ]
-PERCENT = {"top1_accuracy", "top1_agreement", "valid_python"}
+PERCENT = {"top1_accuracy", "top1_agreement", "valid_python", "draft_acceptance"}
 ARROWS = {"min": "↓", "max": "↑"}
 
 

@@ -144,7 +144,7 @@ def test_a_nan_teacher_is_marked_and_nulls_every_fidelity_metric(ws, tmp_path):
     _strict_json(json_path.read_text())
     page = html_path.read_text()
     assert "<b>teacher</b>: non-finite outputs at" in page
-    assert page.count(f"<td class='nonfinite'>{NONFINITE}</td>") == 4  # the student's fidelity and NLL
+    assert page.count(f"<td class='nonfinite'>{NONFINITE}</td>") == 6  # the student's five fidelity metrics and its NLL
     assert page.count(f"<td class='ref nonfinite'>{NONFINITE}</td>") == len(teacher["nonfinite_metrics"])
 
 
