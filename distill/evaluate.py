@@ -58,7 +58,7 @@ from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chu
 from distill.teachers import LiveTeacher
 
 ECE_BINS = 15
-DRAFT_GAMMA = 4  # draft tokens per verification step for draft_tokens_per_step
+DRAFT_GAMMA = 4  # draft tokens per verification step for draft_expected_tokens
 PROMPT_TOKENS = 32  # document-prefix prompts: this many tokens (half the document if shorter)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -77,7 +77,7 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "draft_acceptance": ("draft acceptance α", "max",
                          "mean Σ min(p_teacher, q_model) = 1 − TVD: the chance the teacher accepts this model's "
                          "draft token in speculative sampling"),
-    "draft_tokens_per_step": (f"tokens per teacher step, γ = {DRAFT_GAMMA}", "max",
+    "draft_expected_tokens": (f"tokens per teacher step, γ = {DRAFT_GAMMA}", "max",
                               f"(1 − α^(γ+1)) / (1 − α): expected tokens per teacher forward with {DRAFT_GAMMA} "
                               "draft tokens"),
     "teacher_nll": ("teacher NLL of generations", "min",
@@ -90,7 +90,7 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "forward_tokens_per_s": ("forward tokens/s", "max", "tokens per second through a full forward pass"),
 }
 LIKELIHOOD_KEYS = ("eval_ce", "perplexity", "top1_accuracy", "ece")
-FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance", "draft_tokens_per_step")
+FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance", "draft_expected_tokens")
 GENERATION_KEYS = ("teacher_nll", "valid_python", "distinct_1", "distinct_2")
 SPEED_KEYS = ("generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s")
 
@@ -382,7 +382,7 @@ class _Sums:
         elif with_teacher:
             alpha = self.accept / n
             out.update(top1_agreement=self.agree / n, forward_kl=self.fkl / n, reverse_kl=self.rkl / n,
-                       draft_acceptance=alpha, draft_tokens_per_step=expected_tokens_per_step(alpha))
+                       draft_acceptance=alpha, draft_expected_tokens=expected_tokens_per_step(alpha))
         return out
 
 

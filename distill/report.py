@@ -37,7 +37,7 @@ GROUPS = [
     ("Size", ["params", "size_mb"]),
     ("Likelihood on the data", ["eval_ce", "perplexity", "top1_accuracy", "ece"]),
     ("Fidelity to the teacher", ["top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance",
-                                 "draft_tokens_per_step"]),
+                                 "draft_expected_tokens"]),
     ("Generation", ["teacher_nll", "valid_python", "distinct_1", "distinct_2"]),
     ("Speed", ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s"]),
 ]
@@ -130,6 +130,8 @@ def format_value(key: str, value) -> str:
         return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
     if key in ("distinct_1", "distinct_2"):
         return f"{value:.3f}"
+    if key == "draft_expected_tokens":
+        return f"{value:.2f}"
     return f"{value:.4f}"
 
 

@@ -47,3 +47,10 @@ def test_expected_tokens_per_step_matches_a_simulation(alpha):
         total += accepted + 1
     assert expected_tokens_per_step(alpha, gamma) == pytest.approx(total / n, rel=0.01)
     assert expected_tokens_per_step(1.0, gamma) == gamma + 1 and expected_tokens_per_step(0.0, gamma) == 1
+
+
+def test_the_table_shows_expected_tokens_as_a_number_not_a_rate():
+    from distill.report import format_value
+
+    assert format_value("draft_expected_tokens", 1.6910673) == "1.69"
+    assert format_value("draft_acceptance", 0.416) == "41.6%"
