@@ -12,39 +12,22 @@ prompt/completion JSON Lines (off-policy KD trains on the real bodies) and as pr
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from distill.evaluate import function_examples
 from distill.quickstart import CORPUS, TEACHER
 
 
-def function_examples(source: str) -> list[tuple[str, str]]:
-    """(prompt, completion) for every function with a docstring and more body in ``source``."""
+def examples_of(source: str) -> list[tuple[str, str]]:
+    """(prompt, completion) for every function with a docstring and more body in ``source``: the
+    prompts `distill eval` uses, the real body (stripped of trailing blank lines) as completion."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
-            return []
-    lines = source.splitlines(keepends=True)
-    found = []
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
-            continue
-        doc = node.body[0]
-        if len(node.body) < 2 or doc.end_lineno is None or node.end_lineno is None:
-            continue
-        last = lines[doc.end_lineno - 1]
-        if last[doc.end_col_offset:].strip():
-            continue
-        prompt = "".join(lines[node.lineno - 1:doc.end_lineno - 1]) + last[:doc.end_col_offset]
-        completion = last[doc.end_col_offset:] + "".join(lines[doc.end_lineno:node.end_lineno])
-        found.append((node.lineno, prompt, completion.rstrip() + "\n"))
-    return [(p, c) for _, p, c in sorted(found)]
+        warnings.simplefilter("ignore")  # SyntaxWarnings of old escape sequences in the stdlib
+        return [(prompt, body.rstrip() + "\n") for _, prompt, body in function_examples(source)]
 
 
 def write(out: Path, *, split: str, max_prompt_tokens: int, max_completion_tokens: int) -> dict:
@@ -54,7 +37,7 @@ def write(out: Path, *, split: str, max_prompt_tokens: int, max_completion_token
     texts = pq.read_table(CORPUS / f"{split}.parquet").column("text").to_pylist()
     rows = []
     for text in texts:
-        for prompt, completion in function_examples(text):
+        for prompt, completion in examples_of(text):
             n_p = len(tok(prompt, add_special_tokens=False)["input_ids"])
             n_c = len(tok(completion, add_special_tokens=False)["input_ids"])
             if n_p <= max_prompt_tokens and n_c <= max_completion_tokens:

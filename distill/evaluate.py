@@ -219,10 +219,11 @@ class Prompt:
     source: str = ""  # where it came from: "row N, line L" or "row N"
 
 
-def function_prompts(source: str) -> list[tuple[int, str]]:
-    """(line number, prompt) for every function with a docstring and more body in ``source``:
-    the ``def`` line (decorators excluded) through the closing quotes of the docstring, with the
-    original indentation (methods and nested functions included). [] if the source does not parse."""
+def function_examples(source: str) -> list[tuple[int, str, str]]:
+    """(line number, prompt, body) for every function with a docstring and more body in ``source``:
+    the prompt is the ``def`` line (decorators excluded) through the closing quotes of the
+    docstring, with the original indentation (methods and nested functions included); the body is
+    the rest of the function as it stands in the file. [] if the source does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -233,14 +234,20 @@ def function_prompts(source: str) -> list[tuple[int, str]]:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
             continue
         doc = node.body[0]
-        if len(node.body) < 2 or doc.end_lineno is None:
+        if len(node.body) < 2 or doc.end_lineno is None or node.end_lineno is None:
             continue  # only a docstring: nothing to complete
         last = lines[doc.end_lineno - 1]
         if last[doc.end_col_offset:].strip():  # code after the docstring on its line
             continue
         text = "".join(lines[node.lineno - 1:doc.end_lineno - 1]) + last[:doc.end_col_offset]
-        found.append((node.lineno, text))
+        body = last[doc.end_col_offset:] + "".join(lines[doc.end_lineno:node.end_lineno])
+        found.append((node.lineno, text, body))
     return sorted(found)
+
+
+def function_prompts(source: str) -> list[tuple[int, str]]:
+    """(line number, prompt) of ``function_examples(source)``."""
+    return [(line, text) for line, text, _ in function_examples(source)]
 
 
 def extract_prompts(texts: Sequence[str], tokenizer, *, num_prompts: int, seed: int,

@@ -173,11 +173,7 @@ def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, 
     if signal is not None and signal.targets is not None:
         return sparse_kd_loss(logits, signal.targets, tokens, mode=s.sparse_mode, temperature=s.temperature,
                               scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight), teacher_ok
-    t_logits = None
-    if signal is not None:
-        t_logits = signal.logits if signal.logits is not None else slice_vocab(
-            torch.nn.functional.linear(signal.hidden, signal.weight, signal.bias), s.vocab_size)
-    return kd_loss(logits, t_logits, tokens, **common), teacher_ok
+    return kd_loss(logits, signal.logits if signal is not None else None, tokens, **common), teacher_ok
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

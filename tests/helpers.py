@@ -19,6 +19,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, launcher: l
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
+def two_processes(port: int) -> list[str]:
+    """`accelerate launch` of ``python -m distill`` in two processes. accelerate starts several
+    processes only with --multi_gpu (its --cpu launcher runs one); on a machine without a GPU distill
+    then runs them on the CPU over gloo. Each test file passes its own port: files run in parallel
+    (pytest -n 2)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "distill"]
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 

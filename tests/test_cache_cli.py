@@ -2,21 +2,18 @@
 
 import shutil
 import signal
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import distill_config, write_config
-from tests.helpers import make_tokenizer, read_metrics, run_cli
+from tests.helpers import make_tokenizer, read_metrics, run_cli, two_processes
 
 pytestmark = pytest.mark.slow
 
 VOCAB = 45  # the toy tokenizer's vocabulary: k = VOCAB stores the full distribution
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--main_process_port", "29517",  # its own port: test files run in parallel (pytest -n 2)
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
+TWO_PROCESSES = two_processes(29517)
 
 
 def run(verb, tmp_path, ws, name, env=None, launcher=None, **sections):

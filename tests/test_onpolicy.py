@@ -2,14 +2,13 @@
 
 import json
 import signal
-import sys
 
 import pytest
 
 from distill.generation import SamplingSettings, sample
 from distill.models import load_causal_lm, load_tokenizer
 from tests.conftest import distill_config, write_config
-from tests.helpers import deterministic_metrics, read_metrics, run_cli
+from tests.helpers import deterministic_metrics, read_metrics, run_cli, two_processes
 from tests.test_train import assert_same_params, params
 
 pytestmark = pytest.mark.slow
@@ -107,10 +106,7 @@ def test_two_processes_sample_and_train_as_one_process_with_twice_the_micro_batc
                          "log_every": 1})
     result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
     assert result.returncode == 0, result.stderr[-3000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29519",  # its own port: test files run in parallel (pytest -n 2)
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
-    result, two = train_cli(tmp_path, workspace, "two", launcher=launcher,
+    result, two = train_cli(tmp_path, workspace, "two", launcher=two_processes(29519),
                             **{**common, "train": {**common["train"], "batch_size": 4}})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_params(params(two), params(one), atol=2e-6)

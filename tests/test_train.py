@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import distill_config, write_config
-from tests.helpers import deterministic_metrics, make_tokenizer, read_metrics, run_cli
+from tests.helpers import deterministic_metrics, make_tokenizer, read_metrics, run_cli, two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -123,12 +123,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(workspace, tmp
                   train={"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant"})
     result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
     assert result.returncode == 0, result.stderr[-3000:]
-    # accelerate starts several processes only with --multi_gpu (its --cpu launcher runs one); on a
-    # machine without a GPU distill then runs them on the CPU over gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", "29513",  # its own port: test files run in parallel (pytest -n 2)
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill"]
-    result, two = train_cli(tmp_path, workspace, "two", launcher=launcher,
+    result, two = train_cli(tmp_path, workspace, "two", launcher=two_processes(29513),
                             **{**common, "train": {**common["train"], "batch_size": 4}})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_params(params(two), params(one), atol=2e-6)

@@ -6,7 +6,8 @@ positions of one micro-batch (``mask``'s True entries, row-major, the order ever
 
 - ``LiveTeacher`` (``live.py``): a model in memory. Full distributions (``want="logits"``), final
   hidden states + LM head for the fused chunked loss (``"hidden"``), or the log-probability of given
-  tokens (``"token_logprobs"``), and it can sample text (sequence-level KD).
+  tokens (``"token_logprobs"``). (Its samples for sequence-level KD come from
+  ``distill.generation.sample`` on the same model.)
 - ``CacheTeacher`` (``cache.py``): a `distill cache` folder. Sparse top-k / sampled targets looked
   up by training-example index, whatever ``want`` says (the loss then uses the sparse form).
 

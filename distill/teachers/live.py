@@ -1,4 +1,4 @@
-"""The teacher as a model in memory: full distributions, hidden states + head, token log-probs, samples."""
+"""The teacher as a model in memory: full distributions, hidden states + head, token log-probs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from distill.build import has_plain_lm_head
-from distill.generation import Completion, SamplingSettings, sample
 from distill.losses import DEFAULT_CHUNK_SIZE, chunk_slices, slice_vocab
 from distill.losses.policy import token_logprobs
 from distill.teachers.base import TeacherSignal, finite
@@ -59,9 +58,3 @@ class LiveTeacher:
                                    or [hidden.new_zeros(0, dtype=torch.float32)])  # (N,)
             return TeacherSignal(ok=finite(values), token_logprobs=values)
         raise ValueError(f"unknown want {want!r}")
-
-    def sample(self, prompts: Sequence[Sequence[int]], *, settings: SamplingSettings, seeds: Sequence[int],
-               eos_token_id: int, pad_token_id: int, batch_size: Optional[int] = None, autocast=None) -> list[Completion]:
-        """The teacher's own continuations of ``prompts`` (sequence-level KD), seeded per row."""
-        return sample(self.model, prompts, settings=settings, seeds=seeds, eos_token_id=eos_token_id,
-                      pad_token_id=pad_token_id, batch_size=batch_size, autocast=autocast)
