@@ -72,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, metavar="N", help="prompt choice and sampling seed (0)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+
+    ex = verbs.add_parser("export", help="a student as a GGUF file for llama.cpp or a torchao-quantized PyTorch build",
+                          description="Export SRC (a `distill train` run directory or a Hugging Face model folder). "
+                                      "GGUF: llama, mistral and qwen2 models with a byte-level BPE tokenizer; "
+                                      "each file is checked against the HF model before it is kept (tokenization "
+                                      "of a test set, next-token log-probabilities) and the check is written to "
+                                      "<file>.json. torchao: int8 weight-only, int8 dynamic activations + int8 "
+                                      "weights, int4 weight-only (group 32), loadable with from_pretrained.")
+    ex.add_argument("src", metavar="SRC", help="run directory (its student/) or HF model folder")
+    ex.add_argument("--to", required=True, choices=["gguf", "torchao"], help="build kind")
+    ex.add_argument("--quant", required=True, metavar="TYPE",
+                    help="gguf: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... ; torchao: int8, int8_dynamic, "
+                         "int4")
+    ex.add_argument("--out", metavar="PATH", help="output file (gguf) or folder (torchao); default: RUN/export/"
+                                                  "student-TYPE[.gguf], or beside an HF folder")
+    ex.add_argument("--no-check", action="store_true", help="skip the comparison with the HF model")
     return parser
 
 
@@ -82,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     from distill.errors import UserError  # heavy imports after argument parsing keeps --help fast
+
+    _quiet_optional_imports()
 
     try:
         if args.verb == "config":
@@ -111,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                       "bytes/position")
         elif args.verb == "eval":
             _eval(args)
+        elif args.verb == "export":
+            _export(args)
     except UserError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2
@@ -127,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         print("distill: terminated" if isinstance(e, Terminated) else "distill: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+def _quiet_optional_imports() -> None:
+    """transformers imports torchao whenever it is installed; on a CPU machine torchao then logs a
+    warning per CUDA kernel library it cannot load, and torch one per enum it registers. Neither is
+    about the user's run."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _dump_stacks_on_sigusr1() -> None:
@@ -191,6 +221,28 @@ def _eval(args) -> None:
     print(f"\nwrote {json_path}\n      {html_path}")
     for line in nonfinite_warnings(results):
         print(f"distill: warning: {line}", file=sys.stderr)
+
+
+def _export(args) -> None:
+    from distill.export import export
+
+    r = export(args.src, to=args.to, quant=args.quant, out=args.out, check=not args.no_check)
+    for line in r.get("warnings", []):
+        print(f"distill: warning: {line}", file=sys.stderr)
+    size = r["bytes"] / 1e6
+    print(f"done: {r['path']} ({args.to} {r['quant']}, {size:.1f} MB from {r['source_bytes'] / 1e6:.1f} MB; "
+          f"{r['seconds']:.1f} s)")
+    check = r.get("check")
+    if check is None:
+        print("  not checked" + (" (--no-check)" if args.no_check else " (llama-cpp-python is not installed)")
+              if args.to == "gguf" else "  not checked (--no-check)")
+    elif args.to == "gguf":
+        print(f"  llama.cpp tokenizes all {check['tokenizer_strings']} test strings as the HF tokenizer does")
+    if check is not None:
+        print(f"  vs the HF model on {check['positions']} positions: |Δ log p| mean {check['mean_abs_dlogp']:.4f}, "
+              f"p95 {check['p95_abs_dlogp']:.4f}, max {check['max_abs_dlogp']:.4f}; KL {check['mean_kl']:.5f}; "
+              f"top-1 agreement {check['top1_agreement']:.1%}")
+    print(f"  summary: {r['path']}.json" if args.to == "gguf" else f"  summary: {r['path']}/export.json")
 
 
 def _eval_table(results: dict) -> str:

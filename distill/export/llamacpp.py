@@ -1,0 +1,210 @@
+"""llama.cpp in-process (llama-cpp-python): quantize a GGUF, score text with it, sample from it.
+
+Scoring uses ``Llama(..., logits_all=True)`` and reads the logits of every evaluated position
+directly (``Llama.scores``): position t holds the distribution of token t+1. (llama.cpp's server
+``echo`` log-probs are shifted by one position upstream; they are not used.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from distill.errors import UserError
+
+
+def _ftypes() -> dict:
+    import llama_cpp
+
+    return {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+            "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M, "q5_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S,
+            "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1, "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
+            "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+            "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+            "q3_k_l": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_L, "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+            "q3_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S, "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K}
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: Optional[int] = None) -> None:
+    """``llama-quantize src dst quant`` through the library binding (no binary needed)."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()  # idempotent; quantizing without it crashes
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _ftypes()[quant]
+    params.nthread = threads or os.cpu_count() or 1
+    with _quiet():
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if status != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {quant} (status {status})")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence llama.cpp's C-level logging on stderr (file descriptor 2) for the block."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _without_weight_repacking():
+    """Load with llama.cpp's extra CPU buffer types (weight repacking) off.
+
+    With them on, llama.cpp 0.3.36's AMX repacking of q8_0 weights crashes (SIGSEGV) in the first
+    decode on this machine's Xeon (AMX-capable); plain CPU buffers score identically. llama-cpp-python
+    does not expose ``use_extra_bufts``, so the default-parameters factory its constructor calls is
+    wrapped for the duration of the constructor."""
+    import llama_cpp.llama as module
+
+    original = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_cpp.llama_model_default_params = original
+
+
+class GGUFModel:
+    """A GGUF file loaded in llama.cpp, for scoring and sampling.
+
+    ``n_ctx`` bounds the tokens of one evaluation; ``threads`` defaults to the CPU count."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 512, threads: Optional[int] = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UserError("GGUF models need llama-cpp-python: pip install llama-cpp-python "
+                            "(or pip install 'distill[export]')") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        threads = threads or os.cpu_count() or 1
+        try:
+            with _quiet(), _without_weight_repacking():
+                self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                                 n_threads=threads, n_threads_batch=threads, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"llama.cpp could not load {path}: {e}") from None
+        self.n_ctx = n_ctx
+        self.vocab_size = self.llm.n_vocab()
+        meta = self.llm.metadata
+        self.context_length = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", n_ctx))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS, special tokens in the text parsed as such (as the HF
+        tokenizer does)."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)) if text else []
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits of every position of ``ids``: row t is the distribution of token t+1.
+        Shapes: (T,) -> (T, V)."""
+        if len(ids) > self.n_ctx:
+            raise UserError(f"{len(ids)} tokens exceed the llama.cpp context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def sample(self, prompt: Sequence[int], *, max_new_tokens: int, seed: int, eos_token_id: Optional[int],
+               ignore_eos: bool = False) -> tuple[list[int], bool]:
+        """One completion at temperature 1 from the full distribution (no top-k / top-p), drawn with
+        numpy from llama.cpp's logits: (ids before the first EOS, whether EOS was drawn)."""
+        rng = np.random.default_rng(seed)
+        budget = min(max_new_tokens, self.n_ctx - len(prompt))
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        out: list[int] = []
+        for _ in range(budget):
+            logits = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            if ignore_eos and eos_token_id is not None:
+                logits[eos_token_id] = -np.inf
+            probs = np.exp(logits - logits.max())
+            token = int(rng.choice(len(probs), p=probs / probs.sum()))
+            if token == eos_token_id and not ignore_eos:
+                return out, True
+            out.append(token)
+            self.llm.eval([token])
+        return out, False
+
+    def greedy(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+        """``max_new_tokens`` tokens by argmax of llama.cpp's logits (EOS not a stop)."""
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        out = []
+        for _ in range(min(max_new_tokens, self.n_ctx - len(prompt))):
+            out.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+            self.llm.eval([out[-1]])
+        return out
+
+    def generate_tokens_per_s(self, prompt: Sequence[int], max_new_tokens: int) -> float:
+        """Tokens per second of llama.cpp's own greedy decoding loop at batch 1 (EOS not a stop)."""
+        budget = min(max_new_tokens, self.n_ctx - len(prompt))
+        start, made = time.perf_counter(), 0
+        for _ in self.llm.generate(list(prompt), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+            made += 1
+            if made >= budget:
+                break
+        return made / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare_with_hf(gguf_path: Path, folder: Path, strings: Sequence[str], text: str) -> dict:
+    """What llama.cpp does differently from transformers with this GGUF and its source folder:
+    the test strings it tokenizes differently, and on ``text`` (tokenized by HF) the next-token
+    log-probabilities: mean / 95th-percentile / max |Δ log p| of the observed tokens, mean KL(HF ‖
+    GGUF) and top-1 agreement over every position."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    model = GGUFModel(gguf_path, n_ctx=max(64, 1 << (len(ids) - 1).bit_length()))
+    try:
+        mismatches = [s for s in strings if model.tokenize(s) != list(tokenizer(s, add_special_tokens=False)
+                                                                          ["input_ids"])]
+        ours = log_softmax(model.logits(ids))  # (T, V)
+    finally:
+        model.close()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()  # (T, V)
+    vocab = min(ref.shape[-1], ours.shape[-1])
+    ref, ours = ref[:, :vocab], ours[:, :vocab]
+    targets = np.array(ids[1:])
+    delta = np.abs(ref[:-1][np.arange(len(targets)), targets] - ours[:-1][np.arange(len(targets)), targets])
+    kl = (np.exp(ref) * (ref - ours)).sum(-1)
+    return {"tokenizer_strings": len(strings), "tokenizer_mismatches": mismatches, "positions": int(len(targets)),
+            "mean_abs_dlogp": float(delta.mean()), "p95_abs_dlogp": float(np.quantile(delta, 0.95)),
+            "max_abs_dlogp": float(delta.max()), "mean_kl": float(kl.mean()),
+            "top1_agreement": float((ref.argmax(-1) == ours.argmax(-1)).mean())}
