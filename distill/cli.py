@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                          "int4")
     ex.add_argument("--out", metavar="PATH", help="output file (gguf) or folder (torchao); default: RUN/export/"
                                                   "student-TYPE[.gguf], or beside an HF folder")
+    ex.add_argument("--group-size", type=int, default=32, metavar="N", help="torchao int4: weights per scale (32)")
     ex.add_argument("--no-check", action="store_true", help="skip the comparison with the HF model")
     return parser
 
@@ -226,7 +227,8 @@ def _eval(args) -> None:
 def _export(args) -> None:
     from distill.export import export
 
-    r = export(args.src, to=args.to, quant=args.quant, out=args.out, check=not args.no_check)
+    r = export(args.src, to=args.to, quant=args.quant, out=args.out, check=not args.no_check,
+               group_size=args.group_size, progress=False)
     for line in r.get("warnings", []):
         print(f"distill: warning: {line}", file=sys.stderr)
     size = r["bytes"] / 1e6

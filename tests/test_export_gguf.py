@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 import distill.export.gguf_writer as writer
 from distill.export import TOKENIZER_TEST_STRINGS, export
 from distill.export.gguf_writer import ExportError
-from distill.export.llamacpp import GGUFModel, log_softmax
+from distill.export.check import log_softmax
+from distill.export.llamacpp import GGUFModel
 from distill.quickstart import TEACHER
 from tests.helpers import run_cli
 

@@ -61,7 +61,7 @@ def default_output(src: str, folder: Path, to: str, quant: str) -> Path:
 
 
 def export(src: str, *, to: str, quant: str, out: Optional[str] = None, check: bool = True,
-           progress: bool = True) -> dict:
+           group_size: int = 32, progress: bool = True) -> dict:
     """Export ``src`` (an HF model folder or a `distill train` run directory) and return a summary
     dict (also written as JSON beside the build). Raises UserError / ExportError for what cannot be
     exported, before anything is written."""
@@ -73,7 +73,7 @@ def export(src: str, *, to: str, quant: str, out: Optional[str] = None, check: b
 
         quant = check_torchao_quant(quant)
         target = Path(out).expanduser() if out else default_output(src, folder, to, quant)
-        return export_torchao(folder, target, quant, check=check, progress=progress)
+        return export_torchao(folder, target, quant, group_size=group_size, check=check, progress=progress)
     quant = check_quant(quant)
     config = read_config(folder)
     check_architecture(config)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from distill.errors import UserError
+from distill.export.check import hf_logprobs, log_softmax, logprob_stats
 
 
 def _ftypes() -> dict:
@@ -170,12 +171,6 @@ class GGUFModel:
         self.llm.close()
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def compare_with_hf(gguf_path: Path, folder: Path, strings: Sequence[str], text: str) -> dict:
     """What llama.cpp does differently from transformers with this GGUF and its source folder:
     the test strings it tokenizes differently, and on ``text`` (tokenized by HF) the next-token
@@ -197,14 +192,5 @@ def compare_with_hf(gguf_path: Path, folder: Path, strings: Sequence[str], text:
 
     hf_logging.disable_progress_bar()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.inference_mode():
-        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1).numpy()  # (T, V)
-    vocab = min(ref.shape[-1], ours.shape[-1])
-    ref, ours = ref[:, :vocab], ours[:, :vocab]
-    targets = np.array(ids[1:])
-    delta = np.abs(ref[:-1][np.arange(len(targets)), targets] - ours[:-1][np.arange(len(targets)), targets])
-    kl = (np.exp(ref) * (ref - ours)).sum(-1)
-    return {"tokenizer_strings": len(strings), "tokenizer_mismatches": mismatches, "positions": int(len(targets)),
-            "mean_abs_dlogp": float(delta.mean()), "p95_abs_dlogp": float(np.quantile(delta, 0.95)),
-            "max_abs_dlogp": float(delta.max()), "mean_kl": float(kl.mean()),
-            "top1_agreement": float((ref.argmax(-1) == ours.argmax(-1)).mean())}
+    return {"tokenizer_strings": len(strings), "tokenizer_mismatches": mismatches,
+            **logprob_stats(hf_logprobs(hf, ids), ours, ids)}
