@@ -480,7 +480,11 @@ def sample_completions(model: nn.Module, prompts: Sequence[Sequence[int]], *, ma
     with ``distill.generation.sample`` at temperature 1. Prompt i is sampled with the row seed
     (seed, i), so every model draws the same random stream for the same prompt. With ``guard``,
     non-finite score rows are replaced and counted there (``guard.fired()``: discard the samples);
-    without one they raise. ``device`` is the model's (kept for callers; unused)."""
+    without one they raise. ``device`` is the model's (kept for callers; unused). A GGUF model
+    (``GGUFCausalLM``) samples with llama.cpp's logits and its own seeded stream."""
+    if hasattr(model, "gguf"):
+        return model.sample_completions(prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                        seeds=[row_seed(seed, i) for i in range(len(prompts))])
     outs = sample(model, prompts, settings=SamplingSettings(max_new_tokens), seeds=[row_seed(seed, i) for i in
                   range(len(prompts))], eos_token_id=eos_token_id, pad_token_id=pad_token_id, batch_size=batch_size,
                   guard=guard)
@@ -494,7 +498,10 @@ def measure_speed(model: nn.Module, prompts: Sequence[Sequence[int]], dataset, *
     """Tokens per second: sampling at batch 1 (median over up to 3 prompts) and at ``batch_size``
     (left padding; EOS suppressed so exactly ``max_new_tokens`` are made per row), and a full
     forward pass over ``batch_size`` data blocks (median of at least 3 repetitions). Each is timed
-    after a warm-up call. ``guard`` as in ``sample_completions``."""
+    after a warm-up call. ``guard`` as in ``sample_completions``. A GGUF model times llama.cpp's
+    own decoding loop at batch 1 (``GGUFCausalLM.speed``; no batched figure)."""
+    if hasattr(model, "gguf"):
+        return model.speed(prompts, dataset[:batch_size]["input_ids"], max_new_tokens=max_new_tokens)
     exact = SamplingSettings(max_new_tokens, ignore_eos=True)
 
     def generate(rows):
@@ -551,6 +558,8 @@ def _sync(device) -> None:
 def weights_size(path: str) -> int:
     """Bytes of the weight files (safetensors, bin, pt, pth, gguf) directly in a model directory."""
     root = Path(path)
+    if root.is_file() and root.name.endswith(WEIGHT_SUFFIXES):  # a GGUF file
+        return root.stat().st_size
     if not root.is_dir():
         return 0
     return sum(f.stat().st_size for f in root.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
@@ -624,7 +633,13 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     tokenizer = _load_tokenizer(paths)
     vocab_size = len(tokenizer)
     loaded = {}
-    for name, path in paths.items():
+    # GGUF files first: their checks are cheap and fail before any HF model has been loaded
+    for name, path in sorted(paths.items(), key=lambda item: not is_gguf(item[1])):
+        if is_gguf(path):
+            if name == reference:
+                raise UserError("the teacher must be a Hugging Face model folder, not a GGUF file")
+            loaded[name] = _load_gguf(name, path, tokenizer, n_ctx=max_length + max_new_tokens)
+            continue
         try:
             model = loading.load_causal_lm(path, dtype=loading.DTYPES[dtype])
         except UserError as e:
@@ -633,6 +648,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
         if width < vocab_size:
             raise UserError(f"model {name!r} has {width} vocabulary rows but the tokenizer has {vocab_size} tokens")
         loaded[name] = loading.freeze(model.to(device))
+    loaded = {name: loaded[name] for name in paths}
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     dataset = load_tokenized(data, tokenizer=tokenizer, format="text", packing=True, max_length=max_length,
@@ -640,7 +656,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     if len(dataset) == 0:
         raise DataError(f"{data}: no complete block of {max_length} tokens; lower --max-length or add data")
     results = {name: {"path": str(paths[name]), "status": "ok", "finite": True,  # both set at the end
-                      "params": sum(p.numel() for p in m.parameters()),
+                      "params": _params(m), "format": "gguf" if is_gguf(paths[name]) else "hf",
                       "size_bytes": weights_size(paths[name])} for name, m in loaded.items()}
     for r in results.values():
         r["size_mb"] = r["size_bytes"] / 1e6
@@ -740,8 +756,41 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "speed": speed,
                 "dtype": dtype, "eval_blocks": len(dataset), "ece_bins": ECE_BINS,
                 "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": None}}
+    for model in loaded.values():
+        if hasattr(model, "gguf"):
+            model.close()
     return {"data": str(data), "settings": settings, "models": results, "samples": samples,
             "machine": machine_info(device)}
+
+
+def is_gguf(path) -> bool:
+    return str(path).endswith(".gguf")
+
+
+def _load_gguf(name: str, path: str, tokenizer, *, n_ctx: int):
+    """A GGUF model for scoring (``GGUFCausalLM``), refused unless llama.cpp tokenizes the export
+    test strings exactly as ``tokenizer`` does (the ids it is scored on come from ``tokenizer``)."""
+    from distill.export import TOKENIZER_TEST_STRINGS
+    from distill.export.llamacpp import GGUFCausalLM
+
+    try:
+        model = GGUFCausalLM(path, n_ctx=n_ctx)
+    except UserError as e:
+        raise UserError(f"model {name!r}: {e}") from None
+    bad = [t for t in TOKENIZER_TEST_STRINGS if model.gguf.tokenize(t) != _plain_ids(tokenizer, t)]
+    if bad:
+        model.close()
+        raise UserError(f"model {name!r}: the GGUF's tokenizer differs from the evaluation's on {len(bad)} test "
+                        f"strings (first: {bad[0]!r}); evaluate it with the model it was exported from")
+    if model.vocab_size < len(tokenizer):
+        model.close()
+        raise UserError(f"model {name!r} has {model.vocab_size} vocabulary rows but the tokenizer has "
+                        f"{len(tokenizer)} tokens")
+    return model
+
+
+def _params(model: nn.Module) -> int:
+    return model.n_params if hasattr(model, "gguf") else sum(p.numel() for p in model.parameters())
 
 
 def _load_tokenizer(paths: dict[str, str]):
@@ -749,14 +798,18 @@ def _load_tokenizer(paths: dict[str, str]):
     tokenizer must map the shared ids to the same tokens."""
     from distill import models as loading
 
-    first_name, first_path = next(iter(paths.items()))
+    hf_paths = {name: path for name, path in paths.items() if not is_gguf(path)}
+    if not hf_paths:
+        raise UserError("GGUF models are scored with the tokenizer of a Hugging Face model: give --teacher or a "
+                        "--model that is an HF folder")
+    first_name, first_path = next(iter(hf_paths.items()))
     if not os.path.exists(os.path.expanduser(first_path)) and first_path.startswith(("/", ".", "~")):
         raise UserError(f"model {first_name!r} not found: {first_path}")
     try:
         tokenizer = loading.load_tokenizer(first_path)
     except UserError as e:
         raise UserError(f"model {first_name!r}: {e}") from None
-    for name, path in list(paths.items())[1:]:
+    for name, path in list(hf_paths.items())[1:]:
         if os.path.isdir(path) and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             check_tokenizers_compatible(loading.load_tokenizer(path), tokenizer)
     return tokenizer

@@ -254,3 +254,35 @@ def test_a_failed_check_keeps_nothing(tmp_path, monkeypatch):
         export(str(TEACHER), to="gguf", quant="q8_0", out=str(target))
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+
+
+def test_eval_scores_gguf_and_torchao_builds_beside_the_float_model(tmp_path, bundled_tokenizer):
+    from distill.evaluate import evaluate_models
+
+    gguf = tmp_path / "t-q8_0.gguf"
+    export(str(TEACHER), to="gguf", quant="q8_0", out=str(gguf), check=False)
+    export(str(TEACHER), to="torchao", quant="int8", out=str(tmp_path / "t-int8"), check=False, progress=False)
+    r = evaluate_models({"q8_0": str(gguf), "int8": str(tmp_path / "t-int8")}, str(CORPUS / "eval.parquet"),
+                        teacher=str(TEACHER), max_length=64, max_examples=1, num_prompts=2, max_new_tokens=8,
+                        batch_size=4, progress=False)["models"]
+    t, q, i = r["teacher"], r["q8_0"], r["int8"]
+    assert q["format"] == "gguf" and q["size_bytes"] == gguf.stat().st_size and q["params"] == t["params"]
+    assert i["size_bytes"] < 0.6 * t["size_bytes"]
+    for m in (q, i):
+        assert m["status"] == "ok" and abs(m["eval_ce"] - t["eval_ce"]) < 0.02
+        assert m["top1_agreement"] > 0.95 and 0 < m["forward_kl"] < 0.01 and m["draft_acceptance"] > 0.95
+        assert m["generate_tokens_per_s_batch1"] > 0 and m["forward_tokens_per_s"] > 0
+        assert m["completion_tokens"] > 0 and m["teacher_nll"] is not None
+    assert q["generate_tokens_per_s_batched"] is None
+
+
+def test_eval_refuses_a_gguf_with_another_tokenizer(tmp_path):
+    tokenizer = trained_tokenizer("llama3", tmp_path / "tok")
+    folder = tiny_model(tmp_path / "model", "llama", tokenizer)
+    export(str(folder), to="gguf", quant="f16", out=str(tmp_path / "other.gguf"), check=False)
+    data = str(CORPUS / "eval.parquet")
+    _one_line_error(run_cli("eval", "--teacher", str(TEACHER), "--model", f"other={tmp_path / 'other.gguf'}",
+                            "--data", data, "--max-examples", "1", "--prompts", "0", "--no-speed",
+                            "--out", str(tmp_path / "ev")), "tokenizer differs")
+    _one_line_error(run_cli("eval", "--teacher", str(tmp_path / "other.gguf"), "--model", f"m={TEACHER}",
+                            "--data", data, "--out", str(tmp_path / "ev")), "teacher must be a Hugging Face")

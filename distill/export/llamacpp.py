@@ -194,3 +194,65 @@ def compare_with_hf(gguf_path: Path, folder: Path, strings: Sequence[str], text:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return {"tokenizer_strings": len(strings), "tokenizer_mismatches": mismatches,
             **logprob_stats(hf_logprobs(hf, ids), ours, ids)}
+
+
+def _torch_module_base():
+    from torch import nn
+
+    return nn.Module
+
+
+class GGUFCausalLM(_torch_module_base()):
+    """A GGUF file behind the small part of the HF causal-LM interface that ``distill eval`` uses
+    for scoring: ``forward(input_ids, attention_mask).logits`` (each row evaluated separately by
+    llama.cpp, padding positions left at 0), ``config.max_position_embeddings`` and no plain
+    linear head (so eval takes the dense-logits path). Sampling and timing are its own methods:
+    llama.cpp decodes one sequence at a time here."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.gguf = GGUFModel(path, n_ctx=n_ctx)
+        self.config = SimpleNamespace(max_position_embeddings=self.gguf.context_length)
+        self.vocab_size = self.gguf.vocab_size
+        self.n_params = int(self.gguf.llm._model.n_params())
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, attention_mask=None):
+        import torch
+        from types import SimpleNamespace
+
+        out = torch.zeros(*input_ids.shape, self.vocab_size)  # (B, T, V)
+        lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(
+            input_ids)
+        for row, (ids, length) in enumerate(zip(input_ids.tolist(), lengths)):
+            out[row, :length] = torch.from_numpy(self.gguf.logits(ids[:length]))
+        return SimpleNamespace(logits=out)
+
+    def sample_completions(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seeds: Sequence[int],
+                           eos_token_id: Optional[int]) -> list[tuple[list[int], bool]]:
+        return [self.gguf.sample(p, max_new_tokens=max_new_tokens, seed=s, eos_token_id=eos_token_id)
+                for p, s in zip(prompts, seeds)]
+
+    def speed(self, prompts: Sequence[Sequence[int]], blocks: Sequence[Sequence[int]], *, max_new_tokens: int) -> dict:
+        """Generation tokens/s at batch 1 (llama.cpp's greedy loop; median over up to 3 prompts,
+        after a warm-up) and forward tokens/s over data blocks (median of at least 3). No batched
+        generation: ``generate_tokens_per_s_batched`` is None."""
+        self.gguf.generate_tokens_per_s(prompts[0], max_new_tokens)  # warm-up
+        rates = sorted(self.gguf.generate_tokens_per_s(p, max_new_tokens) for p in prompts[:3])
+        forward = []
+        self.gguf.logits(blocks[0])
+        while len(forward) < 3:
+            for ids in blocks:
+                start = time.perf_counter()
+                self.gguf.logits(ids)
+                forward.append(len(ids) / (time.perf_counter() - start))
+        forward.sort()
+        return {"generate_tokens_per_s_batch1": rates[len(rates) // 2], "generate_tokens_per_s_batched": None,
+                "forward_tokens_per_s": forward[len(forward) // 2]}
+
+    def close(self) -> None:
+        self.gguf.close()
