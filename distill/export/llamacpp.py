@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from torch import nn
 
 from distill.errors import UserError
 from distill.export.check import hf_logprobs, log_softmax, logprob_stats
@@ -196,13 +197,7 @@ def compare_with_hf(gguf_path: Path, folder: Path, strings: Sequence[str], text:
             **logprob_stats(hf_logprobs(hf, ids), ours, ids)}
 
 
-def _torch_module_base():
-    from torch import nn
-
-    return nn.Module
-
-
-class GGUFCausalLM(_torch_module_base()):
+class GGUFCausalLM(nn.Module):
     """A GGUF file behind the small part of the HF causal-LM interface that ``distill eval`` uses
     for scoring: ``forward(input_ids, attention_mask).logits`` (each row evaluated separately by
     llama.cpp, padding positions left at 0), ``config.max_position_embeddings`` and no plain
@@ -241,8 +236,10 @@ class GGUFCausalLM(_torch_module_base()):
         """Generation tokens/s at batch 1 (llama.cpp's greedy loop; median over up to 3 prompts,
         after a warm-up) and forward tokens/s over data blocks (median of at least 3). No batched
         generation: ``generate_tokens_per_s_batched`` is None."""
+        from distill.evaluate import _median
+
         self.gguf.generate_tokens_per_s(prompts[0], max_new_tokens)  # warm-up
-        rates = sorted(self.gguf.generate_tokens_per_s(p, max_new_tokens) for p in prompts[:3])
+        rates = [self.gguf.generate_tokens_per_s(p, max_new_tokens) for p in prompts[:3]]
         forward = []
         self.gguf.logits(blocks[0])
         while len(forward) < 3:
@@ -250,9 +247,8 @@ class GGUFCausalLM(_torch_module_base()):
                 start = time.perf_counter()
                 self.gguf.logits(ids)
                 forward.append(len(ids) / (time.perf_counter() - start))
-        forward.sort()
-        return {"generate_tokens_per_s_batch1": rates[len(rates) // 2], "generate_tokens_per_s_batched": None,
-                "forward_tokens_per_s": forward[len(forward) // 2]}
+        return {"generate_tokens_per_s_batch1": _median(rates), "generate_tokens_per_s_batched": None,
+                "forward_tokens_per_s": _median(forward)}
 
     def close(self) -> None:
         self.gguf.close()
