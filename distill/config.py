@@ -106,6 +106,16 @@ class CacheConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training: fake-quantized int4 weights in the loss; the run's student is the
+    torchao int4 build (distill/export/qat.py)."""
+
+    bits: int = 4  # int4 weights (the only width: int8 loses too little to need QAT)
+    group_size: int = 32  # one scale per this many input columns; must divide every linear's input width
+    keep_float: bool = True  # also keep the float master weights as RUN/student-float (GGUF export reads it)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/distill"
     max_steps: Optional[int] = None  # optimizer steps; if unset, `epochs` decides
@@ -134,6 +144,7 @@ class TrainConfig:
     log_every: int = 10
     tracker: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
     progress: bool = True
+    qat: Optional[QATConfig] = None  # e.g. {bits: 4, group_size: 32}: train the student for its int4 build
 
 
 @dataclass
@@ -225,6 +236,12 @@ def validate(c: Config) -> None:
     if loss.discount is not None:
         _check(sampled, f"loss.discount applies only to sampled_reverse_kl, not to {loss.divergence}")
         _check(0.0 <= loss.discount <= 1.0, f"loss.discount must be in [0, 1], got {loss.discount}")
+    q = c.train.qat
+    if q is not None:
+        _check(q.bits == 4, f"train.qat.bits={q.bits}: quantization-aware training supports int4 weights (bits: 4), "
+               "the torchao int4 build's quantizer; int8 loses too little to need it (BENCHMARKS.md, Export)")
+        _check(q.group_size > 0 and not q.group_size & (q.group_size - 1),
+               f"train.qat.group_size must be a power of two, got {q.group_size}")
     g = c.generation
     _check(0.0 <= g.lmbda <= 1.0, f"generation.lmbda must be in [0, 1] (the fraction of on-policy steps), got {g.lmbda}")
     _check(g.max_new_tokens > 0 and g.num_generations > 0, "generation.max_new_tokens and num_generations must be > 0")

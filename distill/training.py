@@ -36,6 +36,8 @@ from distill.config import Config, load_config, save_config
 from distill.data import data_format, load_tokenized
 from distill.data.formats import PROMPT_FORMATS
 from distill.errors import UserError
+from distill.export import qat
+from distill.export.torchao_build import is_torchao_folder
 from distill import faults
 from distill.generation import NonFiniteGuard, SamplingSettings, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
@@ -314,9 +316,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int)
     return final
 
 
-def save_student(model: nn.Module, tokenizer, out: Path) -> Path:
-    """The student in standard Hugging Face format in ``out/student``, written whole or not at all."""
-    final, tmp = out / "student", out / ".tmp-student"
+def save_student(model: nn.Module, tokenizer, out: Path, name: str = "student") -> Path:
+    """The student in standard Hugging Face format in ``out/name``, written whole or not at all."""
+    final, tmp = out / name, out / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     models.align_special_tokens(model, tokenizer)  # config.json and generation_config.json: the tokenizer's ids
     try:
@@ -334,6 +336,28 @@ def save_student(model: nn.Module, tokenizer, out: Path) -> Path:
         raise UserError(f"{failure}; the last checkpoint holds the trained weights: free space and run the same "
                         "command again to write it") from None
     return final
+
+
+def save_qat_student(model: nn.Module, tokenizer, out: Path, *, group_size: int, keep_float: bool) -> Path:
+    """A QAT run's student: the float master in ``out/student-float``, and from it the torchao int4
+    build (the quantizer the loss saw) in ``out/student``, checked against the master."""
+    from distill.export.torchao_build import export_torchao
+
+    master = save_student(qat.to_float(model), tokenizer, out, name="student-float")
+    try:
+        summary = export_torchao(master, out / "student", "int4", group_size=group_size, progress=False)
+    except OSError as e:
+        failure = write_failure("the int4 student", out / "student", e)
+        if failure is None:
+            raise
+        raise UserError(f"{failure}; the float master is in {master}: free space and run the same command again "
+                        "to write it") from None
+    check = summary["check"]
+    log.info("the student is the int4 build of its float master (group %d): mean |Δ log p| %.4f, top-1 agreement "
+             "%.1f%%", group_size, check["mean_abs_dlogp"], 100 * check["top1_agreement"])
+    if not keep_float:
+        _discard(master)
+    return out / "student"
 
 
 class MetricsLog:
@@ -403,6 +427,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
         teacher = load_teacher(config)
     vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
+    if config.student.model and t.qat is not None and is_torchao_folder(config.student.model):
+        raise UserError(f"student.model {config.student.model} is already a quantized torchao build: train.qat "
+                        "starts from float weights (a QAT run keeps them in RUN/student-float)")
     if config.student.model:
         student = models.check_finite(
             models.load_causal_lm(config.student.model, revision=config.student.revision,
@@ -424,6 +451,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                         "; ".join(fixed))
     if from_cache:
         teacher = None  # it only gave the student its layers
+    if t.qat is not None:  # the loss sees int4 weights; the optimizer updates their float masters
+        qat.prepare(student, t.qat.bits, t.qat.group_size)
     widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
     if min(widths) < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but a model's vocabulary has only {min(widths)} rows")
@@ -641,7 +670,10 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # The student in standard Hugging Face format, written whole or not at all.
     final = out / "student"
-    if main:
+    if main and t.qat is not None:
+        save_qat_student(accelerator.unwrap_model(model).model, tokenizer, out, group_size=t.qat.group_size,
+                         keep_float=t.qat.keep_float)
+    elif main:
         save_student(accelerator.unwrap_model(model).model, tokenizer, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -68,6 +68,11 @@ def export(src: str, *, to: str, quant: str, out: Optional[str] = None, check: b
     if to not in TARGETS:
         raise UserError(f"unknown export target {to!r}: choose one of {', '.join(TARGETS)}")
     folder = model_folder(src)
+    from distill.export.torchao_build import is_torchao_folder
+
+    if is_torchao_folder(folder):
+        raise UserError(f"{folder} is already a torchao build: export its float weights (a train.qat run keeps them "
+                        "in RUN/student-float with train.qat.keep_float, the default)")
     if to == "torchao":
         from distill.export.torchao_build import check_torchao_quant, export_torchao
 

@@ -83,7 +83,11 @@ def model_folder(src: str | os.PathLike) -> Path:
     if (path / "config.json").is_file():
         return path
     if (path / "student" / "config.json").is_file():
-        return path / "student"
+        # A `train.qat` run's student is its int4 torchao build; builds are made from its float master.
+        from distill.export.torchao_build import is_torchao_folder
+
+        master = path / "student-float"
+        return master if is_torchao_folder(path / "student") and (master / "config.json").is_file() else path / "student"
     if (path / "resolved_config.yaml").is_file() or (path / "checkpoints").is_dir():
         raise UserError(f"{src} is a run directory without a finished student/ folder: let the run finish "
                         "(re-running `distill train` on it resumes) and export again")
