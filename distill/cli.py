@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, metavar="N", help="prompt choice and sampling seed (0)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    ev.add_argument("--draft-prompts", type=int, default=8, metavar="N",
+                    help="prompts on which the teacher samples with each model as its speculative-decoding draft, "
+                         "timed against the teacher alone (8; 0: none)")
 
     ex = verbs.add_parser("export", help="a student as a GGUF file for llama.cpp or a torchao-quantized PyTorch build",
                           description="Export SRC (a `distill train` run directory or a Hugging Face model folder). "
@@ -216,7 +219,7 @@ def _eval(args) -> None:
     results = evaluate_models(models, args.data, teacher=args.teacher, max_length=args.max_length,
                               max_examples=args.max_examples, num_prompts=args.prompts,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                              speed=not args.no_speed, dtype=args.dtype)
+                              speed=not args.no_speed, dtype=args.dtype, draft_prompts=args.draft_prompts)
     json_path, html_path = write_report(results, args.out, runs=runs)
     print(_eval_table(results))
     print(f"\nwrote {json_path}\n      {html_path}")

@@ -18,6 +18,12 @@ turns it into ``eval.json`` and ``report.html``). Per model:
   ``generate_tokens_per_s_batch1``, ``generate_tokens_per_s_batched`` (``batch_size`` prompts,
   left padding), ``forward_tokens_per_s`` (full-logits forward of ``batch_size`` data blocks),
   each timed after a warm-up.
+- As the teacher's draft, measured (``speed=True``, a teacher, an HF model; ``distill.speculative``):
+  the teacher samples ``max_new_tokens`` on the first ``draft_prompts`` prompts alone and with the
+  model as its assistant (HF assisted generation, speculative sampling, γ = 4 drafts per step):
+  ``spec_acceptance_measured`` (accepted / judged drafts), ``spec_acceptance_expected`` (mean α on
+  the judged positions), ``spec_acceptance_z``, ``spec_tokens_per_step``, ``spec_teacher_tokens_per_s``,
+  ``spec_assisted_tokens_per_s``, ``spec_speedup``.
 - Non-finite outputs: ``nonfinite_positions`` (supervised positions of the data where the model's
   logits hold a NaN or an infinity), ``finite`` (False if that count is not 0, or if a NaN or
   infinity came up while sampling), ``status`` ("ok", or a sentence saying what was non-finite and
@@ -88,11 +94,27 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "generate_tokens_per_s_batch1": ("generation tokens/s, batch 1", "max", "sampled tokens per second"),
     "generate_tokens_per_s_batched": ("generation tokens/s, batched", "max", "sampled tokens per second"),
     "forward_tokens_per_s": ("forward tokens/s", "max", "tokens per second through a full forward pass"),
+    "spec_acceptance_measured": ("measured acceptance", "max",
+                                 f"accepted / judged drafts when the teacher generates with this model as its "
+                                 f"assistant (HF assisted generation, speculative sampling, γ = {DRAFT_GAMMA})"),
+    "spec_acceptance_expected": ("expected acceptance on those positions", "max",
+                                 "mean Σ min(p_teacher, q_model) over the judged draft positions"),
+    "spec_acceptance_z": ("measured − expected (z)", None,
+                          "standardized difference; within ±3 when the measurement agrees with α"),
+    "spec_tokens_per_step": ("tokens per teacher step, measured", "max",
+                             "tokens the assisted teacher made per verification forward"),
+    "spec_teacher_tokens_per_s": ("teacher alone, tokens/s", "max",
+                                  "the teacher sampling alone, HF generate, batch 1 (the baseline of the speedup)"),
+    "spec_assisted_tokens_per_s": ("teacher + this draft, tokens/s", "max",
+                                   "the teacher sampling with this model as its assistant, batch 1"),
+    "spec_speedup": ("speculative speedup", "max", "assisted tokens/s ÷ teacher-alone tokens/s, same prompts and seeds"),
 }
 LIKELIHOOD_KEYS = ("eval_ce", "perplexity", "top1_accuracy", "ece")
 FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance", "draft_expected_tokens")
 GENERATION_KEYS = ("teacher_nll", "valid_python", "distinct_1", "distinct_2")
 SPEED_KEYS = ("generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s")
+SPEC_KEYS = ("spec_acceptance_measured", "spec_acceptance_expected", "spec_acceptance_z", "spec_tokens_per_step",
+             "spec_teacher_tokens_per_s", "spec_assisted_tokens_per_s", "spec_speedup")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +617,7 @@ def _data_cache_dir() -> Path:
 def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = None, max_length: int = 256,
                     max_examples: int | None = None, num_prompts: int = 16, max_new_tokens: int = 64,
                     batch_size: int = 8, seed: int = 0, speed: bool = True, dtype: str = "float32",
-                    progress: bool = True) -> dict:
+                    draft_prompts: int = 8, progress: bool = True) -> dict:
     """Evaluate ``models`` (name -> Hugging Face model directory) and ``teacher`` on ``data``.
 
     The teacher, when given, is evaluated too, as the model named "teacher", and is the reference
@@ -621,6 +643,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
         if not name or not isinstance(path, str) or not path:
             raise UserError(f"bad model entry {name!r}={path!r}: expected NAME=PATH")
     for key, value, low in (("max_length", max_length, 2), ("num_prompts", num_prompts, 0),
+                            ("draft_prompts", draft_prompts, 0),
                             ("max_new_tokens", max_new_tokens, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"{key} must be an integer >= {low}, got {value!r}")
@@ -742,6 +765,23 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                 timing.update(generate_tokens_per_s_batch1=None, generate_tokens_per_s_batched=None)
                 r["nonfinite_metrics"] += ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched"]
             r.update(timing)
+    # Speculative decoding, measured: the teacher with each (HF) model as its assistant.
+    spec_prompts = prompt_ids[:draft_prompts] if speed else []
+    for name, model in loaded.items():
+        r = results[name]
+        r.update(dict.fromkeys(SPEC_KEYS))
+        if not spec_prompts or reference is None or name == reference or hasattr(model, "gguf"):
+            continue
+        if issues[name] or not teacher_finite:
+            r["nonfinite_metrics"] += list(SPEC_KEYS)
+            continue
+        if progress:
+            print(f"teacher + {name} as its draft: {len(spec_prompts)} prompts", flush=True, file=_stderr())
+        from distill.speculative import measure_assisted
+
+        r.update(measure_assisted(loaded[reference], model, spec_prompts, max_new_tokens=max_new_tokens,
+                                  vocab_size=vocab_size, eos_token_id=eos, pad_token_id=pad, device=device,
+                                  gamma=DRAFT_GAMMA, seed=seed))
     if reference is not None and not teacher_finite:
         skipped[reference].append("no model's fidelity to the teacher or teacher NLL is computed")
         for name in loaded:
@@ -754,6 +794,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     settings = {"teacher": teacher, "models": dict(models), "max_length": max_length, "max_examples": max_examples,
                 "num_prompts": num_prompts, "prompts_found": len(prompts), "prompt_mode": mode,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "speed": speed,
+                "draft_prompts": len(spec_prompts), "draft_gamma": DRAFT_GAMMA,
                 "dtype": dtype, "eval_blocks": len(dataset), "ece_bins": ECE_BINS,
                 "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": None}}
     for model in loaded.values():

@@ -40,8 +40,12 @@ GROUPS = [
                                  "draft_expected_tokens"]),
     ("Generation", ["teacher_nll", "valid_python", "distinct_1", "distinct_2"]),
     ("Speed", ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s"]),
+    ("As the teacher's draft (speculative sampling, measured)",
+     ["spec_acceptance_measured", "spec_acceptance_expected", "spec_acceptance_z", "spec_tokens_per_step",
+      "spec_teacher_tokens_per_s", "spec_assisted_tokens_per_s", "spec_speedup"]),
 ]
-PERCENT = {"top1_accuracy", "top1_agreement", "valid_python", "draft_acceptance"}
+PERCENT = {"top1_accuracy", "top1_agreement", "valid_python", "draft_acceptance", "spec_acceptance_measured",
+           "spec_acceptance_expected"}
 ARROWS = {"min": "↓", "max": "↑"}
 
 
@@ -124,14 +128,18 @@ def format_value(key: str, value) -> str:
         return f"{value:.1f} MB" if value >= 10 else f"{value:.3g} MB"
     if key in PERCENT:
         return f"{100 * value:.1f}%"
+    if key in ("draft_expected_tokens", "spec_tokens_per_step"):
+        return f"{value:.2f}"
     if "tokens_per_s" in key:
         return f"{value:,.0f}"
     if key == "perplexity":
         return f"{value:.2f}" if value < 1000 else f"{value:,.0f}"
     if key in ("distinct_1", "distinct_2"):
         return f"{value:.3f}"
-    if key == "draft_expected_tokens":
-        return f"{value:.2f}"
+    if key == "spec_acceptance_z":
+        return f"{value:+.2f}"
+    if key == "spec_speedup":
+        return f"{value:.2f}×"
     return f"{value:.4f}"
 
 
@@ -398,6 +406,17 @@ DEFINITIONS = [
     ("distinct-1, distinct-2",
      "Distinct tokens (token bigrams) divided by all tokens (bigrams) over every completion: diversity. "
      "Neither direction is better; compare with the teacher."),
+    ("draft acceptance α, tokens per teacher step",
+     "For speculative sampling with this model drafting for the teacher (Leviathan et al. 2023): α is the mean "
+     "over the data's positions of Σ min(p_teacher, q_model) = 1 − TVD, the chance a drafted token is accepted; "
+     "with γ = 4 drafts per step the teacher then makes (1 − α^(γ+1)) / (1 − α) tokens per forward."),
+    ("as the teacher's draft (measured)",
+     "The teacher samples from the first prompts alone and with this model as its assistant (Hugging Face "
+     "assisted generation, 4 drafts per step, same seeds, batch 1). Measured acceptance = accepted / judged "
+     "drafts (a step judges its drafts up to the first rejection); the expected value on those same positions "
+     "is the mean of Σ min(p, q) there, and z = (accepted − expected) / √Σ α(1 − α) is within ±3 when the two "
+     "agree. Speedup = assisted ÷ alone tokens per second: a draft pays off only when its forward is much "
+     "cheaper than the teacher's and α is high."),
     ("speed",
      "Sampled tokens per second at batch 1 and batched (left padding, exactly max_new_tokens per row), and "
      "tokens per second through a full forward pass, each timed after a warm-up. Measurements on this "
