@@ -8,8 +8,8 @@ From the same float student, for each seed (the seed sets the data order), two c
 data, batch and schedule, at ``--lr``:
 
 - ``float-sS``: plain KD, then post-training int4 (``distill export --to torchao --quant int4``,
-  group 32) of the result: ``float-sS-ptq``;
-- ``qat-sS``: the same steps with ``train.qat: {bits: 4, group_size: 32}``; its student is the int4
+  ``--group-size``, 32 by default) of the result: ``float-sS-ptq``;
+- ``qat-sS``: the same steps with ``train.qat: {bits: 4, group_size: G}``; its student is the int4
   build of the same quantizer.
 
 Also the start itself and its int4 build (``start``, ``start-ptq``). Everything is evaluated together
@@ -32,7 +32,7 @@ import torch
 from distill.quickstart import CORPUS, DISTILL_LOSS, TEACHER, student_config, train_student
 
 
-def run(out: Path, name: str, start: Path, *, steps: int, seed: int, lr: float, qat: bool) -> float:
+def run(out: Path, name: str, start: Path, *, steps: int, seed: int, lr: float, qat: bool, group_size: int) -> float:
     done = out / name / "student" / "config.json"
     if done.is_file():
         return json.loads((out / name / "wall.json").read_text())["wall_s"]
@@ -40,18 +40,18 @@ def run(out: Path, name: str, start: Path, *, steps: int, seed: int, lr: float, 
     config["student"] = {"model": str(start)}
     config["train"].update(lr=lr, eval_every=0, eval_at_start=False, save_every=0, tracker="none")
     if qat:
-        config["train"]["qat"] = {"bits": 4, "group_size": 32, "keep_float": True}
+        config["train"]["qat"] = {"bits": 4, "group_size": group_size, "keep_float": True}
     print(f"== {name}: {steps} steps, seed {seed}{', QAT int4' if qat else ''}", flush=True)
     result = train_student(config, progress=False)
     (out / name / "wall.json").write_text(json.dumps({"wall_s": result["wall_s"]}))
     return result["wall_s"]
 
 
-def ptq(folder: Path, target: Path) -> Path:
+def ptq(folder: Path, target: Path, group_size: int) -> Path:
     from distill.export.torchao_build import export_torchao
 
     if not (target / "config.json").is_file():
-        export_torchao(folder, target, "int4", group_size=32, progress=False)
+        export_torchao(folder, target, "int4", group_size=group_size, progress=False)
     return target
 
 
@@ -62,25 +62,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--group-size", type=int, default=32, help="int4 group size of both arms (32)")
     parser.add_argument("--split", default="eval")
     parser.add_argument("--max-examples", type=int, default=None, help="eval documents (default: all)")
     args = parser.parse_args()
     from distill.evaluate import evaluate_models
 
     args.out.mkdir(parents=True, exist_ok=True)
-    models = {"start": str(args.start), "start-ptq": str(ptq(args.start, args.out / "start-ptq"))}
+    models = {"start": str(args.start), "start-ptq": str(ptq(args.start, args.out / "start-ptq", args.group_size))}
     walls = {}
     for seed in args.seeds:
         for arm, qat in (("float", False), ("qat", True)):
             name = f"{arm}-s{seed}"
-            walls[name] = run(args.out, name, args.start, steps=args.steps, seed=seed, lr=args.lr, qat=qat)
+            walls[name] = run(args.out, name, args.start, steps=args.steps, seed=seed, lr=args.lr, qat=qat,
+                               group_size=args.group_size)
         models[f"float-s{seed}"] = str(args.out / f"float-s{seed}" / "student")
-        models[f"float-s{seed}-ptq"] = str(ptq(args.out / f"float-s{seed}" / "student", args.out / f"float-s{seed}-ptq"))
+        models[f"float-s{seed}-ptq"] = str(ptq(args.out / f"float-s{seed}" / "student", args.out / f"float-s{seed}-ptq",
+                                                  args.group_size))
         models[f"qat-s{seed}"] = str(args.out / f"qat-s{seed}" / "student")
     tic = time.perf_counter()
     results = evaluate_models(models, str(CORPUS / f"{args.split}.parquet"), teacher=str(TEACHER), max_length=256,
                               max_examples=args.max_examples, num_prompts=0, speed=False, progress=False)
-    results["experiment"] = {"start": str(args.start), "steps": args.steps, "lr": args.lr, "seeds": args.seeds,
+    results["experiment"] = {"start": str(args.start), "steps": args.steps, "lr": args.lr, "seeds": args.seeds, "group_size": args.group_size,
                              "split": args.split, "max_examples": args.max_examples, "wall_s": walls,
                              "eval_s": time.perf_counter() - tic, "torch": torch.__version__,
                              "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}

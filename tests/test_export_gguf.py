@@ -183,6 +183,18 @@ def test_quantized_teacher_within_bounds(tmp_path, quant, teacher_blocks):
         (d.mean(), np.quantile(d, 0.95), d.max(), a)
     sizes = {"f16": 0.55, "q8_0": 0.3, "q4_k_m": 0.2}  # of the float32 safetensors
     assert summary["bytes"] < sizes[quant] * summary["source_bytes"]
+    stored = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q4_K"}[quant]  # the teacher's rows are 256 wide
+    assert summary["tensor_types"].get(stored, 0) > 0 and not any("k-quants" in w for w in summary["warnings"])
+
+
+def test_a_k_quant_that_llama_cpp_could_not_apply_is_named():
+    from distill.export import fallback_warning
+
+    # The quickstart student (rows of 128): llama.cpp's q4_k_m stored these types.
+    line = fallback_warning("q4_k_m", {"F32": 5, "Q5_0": 12, "Q8_0": 3})
+    assert line and "no tensor as Q4_K" in line and "12 Q5_0, 3 Q8_0" in line
+    assert fallback_warning("q4_k_m", {"F32": 5, "Q4_K": 10, "Q6_K": 2}) is None
+    assert fallback_warning("q8_0", {"F32": 5, "Q8_0": 15}) is None
 
 
 def test_f16_greedy_decoding_matches_hf(tmp_path, bundled_tokenizer):

@@ -104,6 +104,10 @@ def export(src: str, *, to: str, quant: str, out: Optional[str] = None, check: b
                    "tensors": written["tensors"], "bytes": partial.stat().st_size,
                    "source_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                    "warnings": warnings + written["warnings"], "check": None}
+        summary["tensor_types"] = tensor_types(partial)
+        fallback = fallback_warning(quant, summary["tensor_types"])
+        if fallback:
+            summary["warnings"].append(fallback)
         if llama_cpp is not None and check:
             from distill.export.llamacpp import compare_with_hf
 
@@ -119,6 +123,30 @@ def export(src: str, *, to: str, quant: str, out: Optional[str] = None, check: b
             leftover.unlink(missing_ok=True)
     _write_json(target.with_name(target.name + ".json"), summary)
     return summary
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type the GGUF file at ``path`` holds."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def fallback_warning(quant: str, types: dict[str, int]) -> Optional[str]:
+    """A line when llama.cpp stored no tensor in the asked k-quant (it falls back to Q5_0 / Q8_0 ... for
+    rows that are not a multiple of its 256-value super-blocks), else None."""
+    if not quant.startswith(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")):
+        return None
+    base = quant[:4].upper()  # Q4_K for q4_k_m
+    quantized = {t: n for t, n in types.items() if t not in ("F32", "F16", "BF16")}
+    if not quantized or any(t.startswith(base) for t in quantized):
+        return None
+    got = ", ".join(f"{n} {t}" for t, n in quantized.items())
+    return (f"llama.cpp stored no tensor as {base} ({got}): k-quants need rows that are a multiple of 256 "
+            f"values and this model's are not; the file is as large and as accurate as those types make it")
 
 
 def _base_type(folder: Path, quant: str) -> str:
