@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, UserError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -236,12 +236,13 @@ def validate(c: Config) -> None:
     if loss.discount is not None:
         _check(sampled, f"loss.discount applies only to sampled_reverse_kl, not to {loss.divergence}")
         _check(0.0 <= loss.discount <= 1.0, f"loss.discount must be in [0, 1], got {loss.discount}")
-    q = c.train.qat
-    if q is not None:
-        _check(q.bits == 4, f"train.qat.bits={q.bits}: quantization-aware training supports int4 weights (bits: 4), "
-               "the torchao int4 build's quantizer; int8 loses too little to need it (BENCHMARKS.md, Export)")
-        _check(q.group_size > 0 and not q.group_size & (q.group_size - 1),
-               f"train.qat.group_size must be a power of two, got {q.group_size}")
+    if c.train.qat is not None:
+        from distill.export.qat import check_settings
+
+        try:
+            check_settings(c.train.qat.bits, c.train.qat.group_size)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     g = c.generation
     _check(0.0 <= g.lmbda <= 1.0, f"generation.lmbda must be in [0, 1] (the fraction of on-policy steps), got {g.lmbda}")
     _check(g.max_new_tokens > 0 and g.num_generations > 0, "generation.max_new_tokens and num_generations must be > 0")

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from distill.generation import row_seed
-from distill.losses import tvd
 
 
 def judged_drafts(drafted: Sequence[int], kept: Sequence[int]) -> tuple[int, int]:
@@ -95,9 +94,11 @@ def _generate(model: nn.Module, prompt: Sequence[int], *, max_new_tokens: int, s
 def path_acceptance(target: nn.Module, draft: nn.Module, sequence: Sequence[int], vocab_size: int, device) -> torch.Tensor:
     """α_t = Σ min(p_t, q_t) for every position t ≥ 1 of ``sequence`` (predicting token t), float64."""
     ids = torch.tensor([list(sequence)], device=device)
+    from distill.evaluate import draft_acceptance
+
     p = target(input_ids=ids).logits[0, :-1, :vocab_size].double()
     q = draft(input_ids=ids).logits[0, :-1, :vocab_size].double()
-    return 1.0 - tvd(q, p)
+    return draft_acceptance(q, p)
 
 
 def measure_assisted(target: nn.Module, draft: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -29,13 +29,18 @@ def quantized_linears(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
 
-def check_qat(model: nn.Module, bits: int, group_size: int) -> None:
-    """Refuse, with one line, what the fake quantizer cannot do for ``model``."""
+def check_settings(bits: int, group_size: int) -> None:
+    """Refuse, with one line, settings the fake quantizer does not take (config validation calls this too)."""
     if bits not in QAT_BITS:
         raise UserError(f"train.qat.bits={bits}: quantization-aware training supports int4 weights (bits: 4), the "
                         "torchao int4 build's quantizer; int8 loses too little to need it (BENCHMARKS.md, Export)")
     if group_size < 1 or group_size & (group_size - 1):
         raise UserError(f"train.qat.group_size must be a power of two, got {group_size}")
+
+
+def check_qat(model: nn.Module, bits: int, group_size: int) -> None:
+    """Refuse, with one line, what the fake quantizer cannot do for ``model``."""
+    check_settings(bits, group_size)
     for name in quantized_linears(model):
         width = model.get_submodule(name).in_features
         if width % group_size:
