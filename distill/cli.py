@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("config", help="YAML config file")
     cache.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
+    gen = verbs.add_parser("generate", help="the teacher writes training data: completions, verified chain-of-thought "
+                                            "traces, synthetic prompts",
+                           description="Sample the teacher (teacher.model, or an OpenAI-compatible server under "
+                                       "teacher.http) on the prompts of data.train (or on prompts it writes itself, "
+                                       "generate.synthetic) and write generate.output/data.jsonl for `distill train`. "
+                                       "Re-running on the same output folder resumes.")
+    gen.add_argument("config", help="YAML config file")
+    gen.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+
     show = verbs.add_parser("config", help="validate a config and print it resolved, with every default")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: teacher cache in {r['dir']}: {r['shards']} shards ({r['written_now']} written now by "
                       f"this process), {r['positions']} positions, {r['bytes']} bytes, {r['bytes_per_position']} "
                       "bytes/position")
+        elif args.verb == "generate":
+            _generate(args)
         elif args.verb == "eval":
             _eval(args)
         elif args.verb == "export":
@@ -225,6 +236,24 @@ def _eval(args) -> None:
     print(f"\nwrote {json_path}\n      {html_path}")
     for line in nonfinite_warnings(results):
         print(f"distill: warning: {line}", file=sys.stderr)
+
+
+def _generate(args) -> None:
+    from distill.generate import generate
+
+    m = generate(args.config, args.overrides)
+    c, r = m["counts"], m["run"]
+    for line in m.get("warnings", []):
+        print(f"distill: warning: {line}", file=sys.stderr)
+    out = m["settings"]
+    print(f"done: {c['kept']} of {c['samples']} samples kept ({c['prompts']} prompts) in {m['dir']}"
+          f"/{m['data']}; {r['samples_now']} sampled now, {r['samples_per_s_now']:.2f} samples/s, "
+          f"{r['tokens_per_s_now']:.0f} tokens/s")
+    if out.get("cot") is not None:
+        print(f"  verification: {c['correct']} correct, {c['wrong']} wrong, {c['unparseable']} without an answer")
+    lp = m.get("logprobs")
+    if lp and lp.get("cache"):
+        print(f"  teacher top-{lp['k']} log-probs of {lp['rows']} rows: {lp['cache']}/ (with {lp['data']})")
 
 
 def _export(args) -> None:

@@ -31,7 +31,22 @@ class TeacherConfig:
     revision: Optional[str] = None
     dtype: Dtype = "auto"  # "auto": the student's compute dtype (bf16 under precision=bf16)
     trust_remote_code: bool = False
-    source: Literal["live", "cache"] = "live"  # live: the model; cache: cache.dir's targets (no teacher loaded)
+    source: Literal["live", "cache", "http"] = "live"  # live: the model; cache: cache.dir's targets; http: teacher.http (distill generate)
+    http: Optional[HTTPTeacherConfig] = None  # an OpenAI-compatible server (teacher.source: http)
+
+
+@dataclass
+class HTTPTeacherConfig:
+    """An OpenAI-compatible server (vLLM, llama.cpp, SGLang, TGI, Ollama, a hosted API): `distill generate`."""
+
+    url: str = ""  # base URL, e.g. http://127.0.0.1:8080/v1 ("/v1" is added when missing)
+    model: Optional[str] = None  # the model name the server serves; default: the first of GET /v1/models
+    api: Literal["completions", "chat"] = "completions"  # /v1/completions (text prompt) or /v1/chat/completions
+    api_key_env: Optional[str] = None  # the environment variable that holds the API key (never written anywhere)
+    concurrency: int = 4  # requests in flight
+    timeout: float = 300.0  # seconds per request
+    max_retries: int = 6  # tries after the first on 429, 5xx, timeouts, refused connections and malformed replies
+    logprobs: int = 0  # top-k log-probabilities per generated token to ask for (0: none); kept as a teacher cache
 
 
 @dataclass
@@ -106,6 +121,60 @@ class CacheConfig:
 
 
 @dataclass
+class CoTConfig:
+    """Chain-of-thought distillation in `distill generate`: extract each trace's final answer, verify it."""
+
+    answer_field: str = "answer"  # the reference answer's column in the data
+    answer_pattern: str = r"####\s*(.+?)\s*$"  # a regex with one group; its LAST match in a trace is the answer
+    verify: bool = True  # keep a trace only when its answer matches the reference (rejection sampling)
+    keep: Literal["all", "first", "shortest"] = "all"  # of a prompt's verified (or, unverified, all) samples
+    train_on: Literal["trace", "answer"] = "trace"  # the completion written: the whole trace or the answer line only
+    answer_format: str = "#### {answer}"  # the completion when train_on is answer
+
+
+@dataclass
+class SyntheticConfig:
+    """Data-free distillation: the teacher writes the prompts too, from seed examples and topics."""
+
+    num_prompts: int = 100  # prompts to keep (after near-duplicate removal)
+    examples: list[str] = field(default_factory=list)  # seed examples shown to the teacher
+    topics: list[str] = field(default_factory=list)  # optional: one is drawn per request, as {topic}
+    template: str = ("Here are examples of tasks:\n\n{examples}\n\nWrite one new task{topic_clause}, different from "
+                     "the examples.\n\n")  # {examples}, {topic}, {topic_clause} (" about TOPIC" or "")
+    examples_per_request: int = 3
+    separator: str = "\n\n"  # between examples in {examples}; a written prompt ends at its first occurrence
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    max_requests: Optional[int] = None  # give up after this many teacher calls (default 4 x num_prompts)
+    min_chars: int = 8  # shorter candidates are dropped
+    ngram: int = 3  # near-duplicates: word n-grams of this length ...
+    max_overlap: float = 0.6  # ... whose Jaccard overlap with a kept prompt (or an example) exceeds this
+
+
+@dataclass
+class GenerateConfig:
+    """`distill generate`: the teacher writes completions of data.train's prompts (or synthetic ones)."""
+
+    output: Optional[str] = None  # the output folder (re-running on it resumes)
+    format: Literal["jsonl", "parquet"] = "jsonl"  # the file type of the dataset written
+    output_format: Literal["auto", "prompt_completion", "chat"] = "auto"  # auto: chat for chat input or api, else prompt_completion
+    template: str = "{prompt}"  # the prompt as the teacher sees it; {prompt} and any other column of the row
+    num_samples: int = 1  # completions per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)  # a completion ends before the first of these strings
+    keep_unfinished: bool = True  # keep completions cut by max_new_tokens (false: drop them, counted)
+    batch_size: int = 8  # prompts per local teacher batch
+    chunk_size: int = 64  # prompts per written chunk (the unit of resume)
+    seed: int = 0
+    max_prompts: Optional[int] = None  # use only the first N prompts
+    cot: Optional[CoTConfig] = None
+    synthetic: Optional[SyntheticConfig] = None
+
+
+@dataclass
 class QATConfig:
     """Quantization-aware training: fake-quantized int4 weights in the loss; the run's student is the
     torchao int4 build (distill/export/qat.py)."""
@@ -156,6 +225,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,12 +236,13 @@ class Config:
 
 
 def load_config(source: Union[str, os.PathLike, dict, Config, None] = None,
-                overrides: Optional[list[str]] = None) -> Config:
+                overrides: Optional[list[str]] = None, *, stage: str = "train") -> Config:
     """Build a validated :class:`Config` from a YAML path, a dict or a Config, plus overrides.
 
     ``overrides`` are ``"dotted.key=value"`` strings; values are parsed as YAML scalars
     (``train.lr=3e-4``, ``student.init_from_teacher_layers=[0,2]``, ``teacher.model=null``).
-    Relative paths in a YAML file are resolved against the file's folder.
+    Relative paths in a YAML file are resolved against the file's folder. ``stage``: "train" (also
+    `distill cache`) or "generate", whose config needs no student and may name an HTTP teacher.
     """
     base_dir = None
     if source is None:
@@ -197,7 +268,10 @@ def load_config(source: Union[str, os.PathLike, dict, Config, None] = None,
     config = _build(Config, raw, "")
     if base_dir is not None:
         _resolve_paths(config, base_dir)
-    validate(config)
+    if stage == "generate":
+        validate_generate(config)
+    else:
+        validate(config)
     return config
 
 
@@ -209,9 +283,61 @@ def save_config(config: Config, path: Union[str, os.PathLike]) -> None:
     os.replace(tmp, path)
 
 
+def validate_generate(c: Config) -> None:
+    """The checks of a `distill generate` config (teacher, prompts, sampling, output)."""
+    g, t = c.generate, c.teacher
+    _check(bool(g.output), "generate.output is required (the folder the generated data is written to)")
+    if t.source == "http":
+        _check(t.http is not None and bool(t.http.url), "teacher.source=http needs teacher.http.url (e.g. "
+               "http://127.0.0.1:8080/v1)")
+        h = t.http
+        _check(h.url.startswith(("http://", "https://")), f"teacher.http.url must start with http:// or https://, "
+               f"got {h.url!r}")
+        _check(h.concurrency > 0 and h.timeout > 0 and h.max_retries >= 0,
+               "teacher.http.concurrency and timeout must be > 0, max_retries >= 0")
+        _check(0 <= h.logprobs <= 20, "teacher.http.logprobs must be in [0, 20] (what OpenAI-compatible servers "
+               "accept)")
+    else:
+        _check(t.source == "live", "distill generate: teacher.source must be live (teacher.model) or http "
+               "(teacher.http), not cache")
+        _check(bool(t.model), "distill generate needs teacher.model (a local model) or teacher.source=http")
+        _check(t.http is None, "teacher.http is set but teacher.source is live: set teacher.source=http")
+    if g.synthetic is None:
+        _check(bool(c.data.train), "distill generate needs data.train (the prompts), or generate.synthetic")
+    else:
+        s = g.synthetic
+        _check(s.num_prompts > 0 and s.examples_per_request >= 0 and s.max_new_tokens > 0,
+               "generate.synthetic.num_prompts and max_new_tokens must be > 0")
+        _check(bool(s.examples) or bool(s.topics), "generate.synthetic needs seed examples or topics")
+        _check(s.max_requests is None or s.max_requests > 0, "generate.synthetic.max_requests must be > 0")
+        _check(s.ngram > 0 and 0.0 < s.max_overlap <= 1.0, "generate.synthetic.ngram must be > 0 and max_overlap "
+               "in (0, 1]")
+        _check(s.temperature > 0, "generate.synthetic.temperature must be > 0")
+        _check(bool(s.separator), "generate.synthetic.separator must not be empty")
+    _check(g.num_samples > 0 and g.max_new_tokens > 0, "generate.num_samples and max_new_tokens must be > 0")
+    _check(g.temperature > 0, "generate.temperature must be > 0")
+    _check(g.top_k >= 0 and 0.0 < g.top_p <= 1.0, "generate.top_k must be >= 0 and generate.top_p in (0, 1]")
+    _check(g.batch_size > 0 and g.chunk_size > 0, "generate.batch_size and chunk_size must be > 0")
+    _check(g.max_prompts is None or g.max_prompts > 0, "generate.max_prompts must be > 0")
+    _check(all(isinstance(x, str) and x for x in g.stop), "generate.stop must be non-empty strings")
+    if g.cot is not None:
+        import re
+
+        try:
+            groups = re.compile(g.cot.answer_pattern).groups
+        except re.error as e:
+            raise ConfigError(f"generate.cot.answer_pattern is not a valid regex: {e}") from None
+        _check(groups == 1, f"generate.cot.answer_pattern needs exactly one group (the answer), it has {groups}")
+        _check("{answer}" in g.cot.answer_format, "generate.cot.answer_format needs {answer}")
+    _check(c.data.max_length >= 2, "data.max_length must be >= 2")
+
+
 def validate(c: Config) -> None:
     """Range and consistency checks beyond types. Raises ConfigError with one clear line."""
     from distill.losses import DIVERGENCES, divergence_params
+
+    _check(c.teacher.source != "http", "teacher.source=http is for `distill generate` (a server writes text); to "
+           "train on what it wrote, point data.train at the generated data (and teacher.source=cache at its cache)")
 
     loss = c.loss
     objectives = {*DIVERGENCES, "sampled_reverse_kl"}  # the last: a policy gradient on sampled tokens

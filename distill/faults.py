@@ -11,6 +11,9 @@ Unset (always, outside the tests) every call is one dictionary lookup. The point
     shard       a cache shard is written under its temporary name, not yet renamed
     shard-done  right after cache shard N is renamed into place (``shard-done:N`` counts from 1)
     manifest    the cache manifest is written under its temporary name, not yet renamed
+    gen-chunk   a `distill generate` chunk is written under its temporary name, not yet renamed
+    gen-chunk-done  right after generated chunk N is renamed into place (``gen-chunk-done:N``)
+    gen-manifest    the generate manifest is written under its temporary name (data.* is complete)
     tokenized   the tokenized dataset is in its temporary folder, without its manifest
 """
 

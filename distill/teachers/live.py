@@ -58,3 +58,50 @@ class LiveTeacher:
                                    or [hidden.new_zeros(0, dtype=torch.float32)])  # (N,)
             return TeacherSignal(ok=finite(values), token_logprobs=values)
         raise ValueError(f"unknown want {want!r}")
+
+
+class LiveGenerator:
+    """A local causal LM that writes text, with the shared sampling code (``distill.generation.sample``:
+    KV cache, left padding, EOS per row, a seed per row). ``generate`` answers the same
+    ``Request``/``Reply`` shape as ``HTTPTeacher`` (``Request.prompt``: token ids).
+
+    ``stop`` strings are applied to the decoded text (the text ends before the first one, as a
+    server's ``stop`` does); ``finish_reason`` is "stop" (EOS or a stop string) or "length"."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, settings, batch_size: int = 8, stop=(), autocast=None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.batch_size, self.stop, self.autocast = batch_size, list(stop), autocast
+        self.seconds = 0.0
+        self.context = getattr(model.config, "max_position_embeddings", None)
+
+    def fits(self, prompt_ids) -> bool:
+        """The prompt and ``max_new_tokens`` fit in the model's context."""
+        return self.context is None or len(prompt_ids) + self.settings.max_new_tokens <= self.context
+
+    def generate(self, requests, progress=None) -> list:
+        from distill.generation import sample
+        from distill.teachers.http import Reply
+
+        tic = time.perf_counter()
+        # Longest first: rows of similar length share a batch (less padding); each row's sample
+        # depends only on its prompt and seed, never on the batch it lands in.
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i))
+        out = [None] * len(requests)
+        tok = self.tokenizer
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            done = sample(self.model, [requests[i].prompt for i in rows], settings=self.settings,
+                          seeds=[requests[i].seed for i in rows], eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                          batch_size=self.batch_size, autocast=self.autocast)
+            for i, completion in zip(rows, done):
+                text = tok.decode(completion.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                cut = min((p for p in (text.find(s) for s in self.stop) if p >= 0), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                finish = "stop" if completion.ended or cut >= 0 else "length"
+                out[i] = Reply(text=text, finish_reason=finish, completion_tokens=len(completion.ids))
+                if progress is not None:
+                    progress(out[i])
+        self.seconds += time.perf_counter() - tic
+        return out
