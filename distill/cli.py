@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                                       "completions, speed. Writes eval.json and a self-contained report.html.")
     ev.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to evaluate (repeat)")
     ev.add_argument("--teacher", metavar="PATH", help="the teacher: evaluated too, and the reference")
-    ev.add_argument("--data", required=True, metavar="SOURCE", help="text data (a file, folder, glob or hub id)")
+    ev.add_argument("--data", metavar="SOURCE", help="text data (a file, folder, glob or hub id)")
+    ev.add_argument("--generated", metavar="DIR", help="score what `distill generate` wrote in DIR instead: lengths, "
+                                                      "verification rate, distinctness, and the --teacher's NLL")
     ev.add_argument("--out", default="distill-eval", metavar="DIR", help="output directory (default: distill-eval)")
     ev.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                     help="a `distill train` output directory whose loss curves go in the report (repeat)")
@@ -219,6 +221,10 @@ def _eval(args) -> None:
     from distill.evaluate import evaluate_models
     from distill.report import nonfinite_warnings, read_run_metrics, write_report
 
+    if args.generated:
+        return _eval_generated(args)
+    if not args.data:
+        raise UserError("give --data SOURCE (the text to evaluate on), or --generated DIR")
     models, runs = _pairs(args.model, "--model"), _pairs(args.run, "--run")
     if not models:
         raise UserError("no models to evaluate: give at least one --model NAME=PATH")
@@ -254,6 +260,21 @@ def _generate(args) -> None:
     lp = m.get("logprobs")
     if lp and lp.get("cache"):
         print(f"  teacher top-{lp['k']} log-probs of {lp['rows']} rows: {lp['cache']}/ (with {lp['data']})")
+
+
+def _eval_generated(args) -> None:
+    from distill.errors import UserError
+    from distill.evaluate import evaluate_generated
+    from distill.report import generated_table, write_generated_report
+
+    if args.model or args.data:
+        raise UserError("--generated scores generated data: it takes --teacher, not --model or --data")
+    result = evaluate_generated(args.generated, teacher=args.teacher, max_length=args.max_length,
+                                batch_size=args.batch_size, dtype=args.dtype, max_examples=args.max_examples)
+    json_path, html_path = write_generated_report(result, args.out)
+    width = max(len(label) for label, _ in generated_table(result)) + 2
+    print("\n".join(f"{label:<{width}}{value}" for label, value in generated_table(result)))
+    print(f"\nwrote {json_path}\n      {html_path}")
 
 
 def _export(args) -> None:

@@ -868,3 +868,83 @@ def _stderr():
     import sys
 
     return sys.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated data (`distill generate`'s output)
+
+
+def evaluate_generated(folder, *, teacher: Optional[str] = None, tokenizer: Optional[str] = None,
+                       max_length: int = 1024, batch_size: int = 8, dtype: str = "float32",
+                       max_examples: Optional[int] = None) -> dict:
+    """What `distill generate` wrote in ``folder``, scored: the training rows' completion lengths
+    (tokens of ``tokenizer``, default the teacher's, else the generating teacher's model), the share
+    cut by max_new_tokens, distinct completions, distinct-2, the verification rate of CoT traces
+    (correct / all samples with a verdict) and, with a ``teacher``, its NLL per completion token
+    (mean over tokens, and per row for the histogram) given the prompt, as training tokenizes it.
+    """
+    import json
+
+    from distill import models as model_io
+    from distill.generate import MANIFEST
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not a finished `distill generate` folder ({MANIFEST} not found)")
+    manifest = json.loads(path.read_text())
+    data = folder / manifest["data"]
+    tok_name = tokenizer or teacher or (manifest["teacher"].get("model") if manifest["teacher"]["kind"] == "local"
+                                        else None)
+    if tok_name is None:
+        raise UserError("give --teacher (or --tokenizer) to count the tokens of an HTTP teacher's text")
+    tok = model_io.load_tokenizer(tok_name)
+    dataset = load_tokenized(str(data), tokenizer=tok, format="auto", max_length=max_length, packing=False,
+                             max_examples=max_examples)
+    rows = [json.loads(line) for line in data.read_text().splitlines()] if data.suffix == ".jsonl" else \
+        __import__("pyarrow.parquet", fromlist=["x"]).read_table(data).to_pylist()
+    rows = rows[:max_examples] if max_examples else rows
+    completions = [[x for x in labels if x != -100][:-1] for labels in dataset["labels"]]  # without the EOS
+    lengths = [len(ids) for ids in completions]
+    texts = [r["completion"] if "completion" in r else r["messages"][-1]["content"] for r in rows]
+    c = manifest["counts"]
+    verdicts = sum(c.get(k, 0) for k in ("correct", "wrong", "unparseable"))
+    result = {
+        "folder": str(folder), "teacher_of_data": manifest["teacher"], "rows": len(rows),
+        "prompts": len({r["prompt_index"] for r in rows}), "samples": c["samples"], "kept_fraction": c["kept"] / c["samples"],
+        "completion_tokens_mean": sum(lengths) / len(lengths), "completion_tokens_p50": _quantile(lengths, 0.5),
+        "completion_tokens_p95": _quantile(lengths, 0.95), "completion_tokens_max": max(lengths),
+        "unfinished_fraction": sum(r.get("finish_reason") == "length" for r in rows) / len(rows),
+        "distinct_completions": len(set(texts)) / len(texts), "distinct_2": distinct_n(completions, 2),
+        "verification_rate": c["correct"] / verdicts if verdicts else None,
+        "unparseable_rate": c["unparseable"] / verdicts if verdicts else None,
+        "too_long": c["too_long"], "lengths": lengths, "teacher": teacher, "teacher_nll": None, "row_nll": None,
+        "rows_scored": len(dataset),
+    }
+    if teacher is not None:
+        from distill.build import has_accelerator
+
+        device = torch.device("cuda") if has_accelerator() and torch.cuda.is_available() else torch.device("cpu")
+        model = model_io.freeze(model_io.load_causal_lm(teacher, dtype=model_io.DTYPES[dtype])).to(device)
+        source = LiveTeacher(model, len(tok))
+        per_row, total, count = [], 0.0, 0
+        for start in range(0, len(dataset), batch_size):
+            part = dataset[start:start + batch_size]
+            batch = collate([dict(input_ids=i, labels=l) for i, l in zip(part["input_ids"], part["labels"])],
+                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            values = source.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
+                                   want="token_logprobs", tokens=labels[mask]).token_logprobs.double()
+            for row in torch.split(values, mask.sum(1).tolist()):
+                per_row.append(-row.mean().item())
+            total -= values.sum().item()
+            count += values.shape[0]
+        result.update(teacher_nll=total / count, row_nll=per_row)
+    return result
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])

@@ -593,3 +593,56 @@ def _plain(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_plain(v)}" for k, v in value.items())
     return "—" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated data
+
+
+GENERATED_ROWS = (("rows", "training rows", "{:,}"), ("prompts", "prompts with a kept row", "{:,}"),
+                  ("kept_fraction", "samples kept", "{:.1%}"), ("completion_tokens_mean", "completion tokens, mean", "{:.1f}"),
+                  ("completion_tokens_p50", "completion tokens, median", "{:.0f}"),
+                  ("completion_tokens_p95", "completion tokens, p95", "{:.0f}"),
+                  ("unfinished_fraction", "cut by max_new_tokens", "{:.1%}"),
+                  ("distinct_completions", "distinct completions", "{:.1%}"), ("distinct_2", "distinct-2", "{:.3f}"),
+                  ("verification_rate", "verified (CoT)", "{:.1%}"), ("unparseable_rate", "no answer (CoT)", "{:.1%}"),
+                  ("teacher_nll", "teacher NLL per token", "{:.3f}"))
+
+
+def generated_table(result: dict) -> list[tuple[str, str]]:
+    """(label, formatted value) of every measured quantity of ``evaluate_generated``'s result."""
+    return [(label, fmt.format(result[key])) for key, label, fmt in GENERATED_ROWS if result.get(key) is not None]
+
+
+def write_generated_report(result: dict, out_dir) -> tuple[Path, Path]:
+    """``generated.json`` and a self-contained ``generated.html`` (table + length and teacher-NLL histograms)."""
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = _write_atomic(out / "generated.json", json.dumps(result, indent=2, default=_plain) + "\n")
+    charts = []
+    for key, title, xlabel in (("lengths", "Completion length", "tokens"),
+                               ("row_nll", "Teacher NLL per row", "nats per token")):
+        values = result.get(key)
+        if not values:
+            continue
+        fig = Figure(figsize=(5.2, 3.0))
+        ax = fig.add_subplot()
+        ax.hist(values, bins=min(40, max(5, len(values) // 5)), color="#2563eb", alpha=0.85)
+        _style(ax, title)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("rows", fontsize=9)
+        fig.tight_layout()
+        charts.append(f"<figure><img alt='{_esc(title)}' src='{_png(fig)}'></figure>")
+    rows = "".join(f"<tr><th>{_esc(label)}</th><td>{_esc(value)}</td></tr>" for label, value in generated_table(result))
+    teacher = result["teacher_of_data"]
+    source = teacher.get("model") if teacher.get("kind") == "local" else f"{teacher.get('url')} ({teacher.get('model')})"
+    body = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>distill eval: generated data"
+            f"</title><style>{CSS}</style></head><body><main><h1>Generated data</h1>"
+            f"<p>{_esc(result['folder'])}, written by {_esc(source)}"
+            + (f"; scored by the teacher {_esc(result['teacher'])}" if result.get("teacher") else "") + "</p>"
+            f"<table>{rows}</table><div class='charts'>{''.join(charts)}</div>"
+            "<footer>written by distill eval --generated</footer></main></body></html>\n")
+    html_path = _write_atomic(out / "generated.html", body)
+    return json_path, html_path

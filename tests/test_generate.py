@@ -108,6 +108,39 @@ def test_generated_data_is_complete_and_trains(reference, workspace, tmp_path):
     assert evals[-1]["eval/ce"] < evals[0]["eval/ce"] - 0.5
 
 
+def test_eval_scores_generated_data(reference, workspace, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.data import load_tokenized
+    from distill.models import load_tokenizer
+
+    _, out = reference
+    teacher = workspace / "teacher_run" / "student"
+    result = run_cli("eval", "--generated", str(out), "--teacher", str(teacher), "--out", str(tmp_path / "ev"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher NLL per token" in result.stdout and (tmp_path / "ev" / "generated.html").is_file()
+    r = json.loads((tmp_path / "ev" / "generated.json").read_text())
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert r["rows"] == len(rows) and r["samples"] == 48
+    assert r["unfinished_fraction"] == sum(x["finish_reason"] == "length" for x in rows) / len(rows)
+    # the teacher NLL, recomputed here in float64 from the tokenized rows
+    tok = load_tokenizer(str(teacher))
+    data = load_tokenized(str(out / "data.jsonl"), tokenizer=tok, format="prompt_completion", max_length=256,
+                          packing=False)
+    model = AutoModelForCausalLM.from_pretrained(teacher).double().eval()
+    total, count = 0.0, 0
+    for ids, labels in zip(data["input_ids"], data["labels"]):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        target = torch.tensor(labels[1:])
+        keep = target != -100
+        total -= logp[keep].gather(-1, target[keep][:, None]).sum().item()
+        count += int(keep.sum())
+    assert r["teacher_nll"] == pytest.approx(total / count, rel=1e-4)
+    assert r["completion_tokens_mean"] == pytest.approx(count / len(rows) - 1)  # EOS is not part of the completion
+
+
 def test_same_config_gives_identical_files(reference, workspace, tmp_path):
     root, out = reference
     path, again = gen_config(tmp_path, workspace, "ref")
