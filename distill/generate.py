@@ -318,6 +318,10 @@ def generate(config, overrides: Optional[list[str]] = None, *, progress: bool = 
 
     samples = [r for c in range(chunks) for r in _read_jsonl(out / "samples" / chunk_name(c))]
     kept, counts = select_rows(samples, g)
+    if not kept:
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "kept")
+        raise UserError(f"no sample was kept, so there is no training data ({shown}); the samples are in "
+                        f"{out / 'samples'} (a verifier that rejects everything? prompts that are all too long?)")
     data_path = out / f"data.{g.format}"
     rows = [training_row(r, output_format, g) for r in kept]
     write_dataset(data_path, rows, g.format)
@@ -437,9 +441,6 @@ def training_row(r: dict, output_format: str, g) -> dict:
 
 
 def write_dataset(path: Path, rows: list[dict], kind: str) -> None:
-    if not rows:
-        raise UserError(f"no sample was kept, so there is no data to write to {path} (see the counts in "
-                        f"{path.parent / PARTIAL}: a verifier that rejects everything, prompts that are all too long?)")
     if kind == "jsonl":
         _write_atomic(path, "".join(_dumps(r) + "\n" for r in rows))
         return

@@ -27,7 +27,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -220,16 +220,13 @@ class HTTPTeacher:
         out: list[Optional[Reply]] = [None] * len(requests_)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(self.complete, r): i for i, r in enumerate(requests_)}
-            pending = set(futures)
             try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for f in done:
-                        out[futures[f]] = f.result()  # raises the first failure
-                        if progress is not None:
-                            progress(out[futures[f]])
+                for f in as_completed(futures):
+                    out[futures[f]] = f.result()  # the first failure raises here
+                    if progress is not None:
+                        progress(out[futures[f]])
             except BaseException:
-                for f in pending:
+                for f in futures:
                     f.cancel()
                 raise
             finally:
