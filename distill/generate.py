@@ -269,6 +269,10 @@ def generate(config, overrides: Optional[list[str]] = None, *, progress: bool = 
     from distill.config import load_config
 
     config = load_config(config, overrides, stage="generate")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("distill generate runs in one process (under accelerate launch every process would write "
+                        "the same chunks); to use several GPUs, serve the teacher (vLLM, SGLang) and set teacher.http "
+                        "with a higher concurrency")
     g, t = config.generate, config.teacher
     out = Path(g.output)
     out.mkdir(parents=True, exist_ok=True)
