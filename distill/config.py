@@ -127,7 +127,7 @@ class CoTConfig:
     answer_field: str = "answer"  # the reference answer's column in the data
     answer_pattern: str = r"####\s*(.+?)\s*$"  # a regex with one group; its LAST match in a trace is the answer
     verify: bool = True  # keep a trace only when its answer matches the reference (rejection sampling)
-    keep: Literal["all", "first", "shortest"] = "all"  # of a prompt's verified (or, unverified, all) samples
+    keep: Literal["all", "first", "shortest", "likeliest"] = "all"  # of a prompt's verified (or, unverified, all) samples; likeliest: highest mean teacher log p per token
     train_on: Literal["trace", "answer"] = "trace"  # the completion written: the whole trace or the answer line only
     answer_format: str = "#### {answer}"  # the completion when train_on is answer
 
@@ -329,6 +329,9 @@ def validate_generate(c: Config) -> None:
             raise ConfigError(f"generate.cot.answer_pattern is not a valid regex: {e}") from None
         _check(groups == 1, f"generate.cot.answer_pattern needs exactly one group (the answer), it has {groups}")
         _check("{answer}" in g.cot.answer_format, "generate.cot.answer_format needs {answer}")
+        _check(not (g.cot.keep == "likeliest" and t.source == "http" and not t.http.logprobs),
+               "generate.cot.keep=likeliest with an HTTP teacher needs teacher.http.logprobs >= 1 (the server's "
+               "log-probs of its tokens)")
     _check(c.data.max_length >= 2, "data.max_length must be >= 2")
 
 

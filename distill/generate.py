@@ -26,7 +26,8 @@ that does not fit the context with ``max_new_tokens`` is skipped, counted and na
 
 **Chain of thought** (``generate.cot``): each sample's final answer is extracted
 (``distill.traces``) and compared with the reference: kept only when correct (``verify``), then
-``keep`` all / the first / the shortest per prompt; ``train_on: answer`` writes the answer line only.
+``keep`` all / the first / the shortest / the likeliest (the teacher's highest mean log-probability per
+token, temperature 1) per prompt; ``train_on: answer`` writes the answer line only.
 """
 
 from __future__ import annotations
@@ -207,7 +208,8 @@ def _open_teacher(config, *, stop, max_new_tokens=None, temperature=None):
     model.to(device)
     settings = dataclasses.replace(_sampling(g), max_new_tokens=max_new_tokens or g.max_new_tokens,
                                    temperature=temperature or g.temperature)
-    teacher = LiveGenerator(model, tokenizer, settings=settings, batch_size=g.batch_size, stop=stop)
+    teacher = LiveGenerator(model, tokenizer, settings=settings, batch_size=g.batch_size, stop=stop,
+                            score=g.cot is not None and g.cot.keep == "likeliest")
     desc = {"kind": "local", "model": t.model, "revision": t.revision,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "weights_sha256": weights_sha256(model)}
     return teacher, tokenizer, desc
@@ -374,6 +376,8 @@ def _chunk_rows(teacher, tokenizer, prompts, g, *, api, progress) -> list[dict]:
                 row["error_message"] = reply.error
             if reply.tokens is not None:
                 row["tokens"], row["top_logprobs"] = reply.tokens, reply.top_logprobs
+            if reply.mean_logprob is not None:
+                row["mean_logprob"] = reply.mean_logprob
         if g.cot is not None and row.get("completion") is not None:
             from distill.traces import extract_answer, verdict
 
@@ -424,6 +428,8 @@ def select_rows(samples: list[dict], g) -> tuple[list[dict], dict]:
             group = group[:1]
         elif g.cot is not None and g.cot.keep == "shortest":
             group = [min(group, key=lambda r: (r["completion_tokens"] or len(r["completion"]), r["sample"]))]
+        elif g.cot is not None and g.cot.keep == "likeliest":
+            group = [max(group, key=lambda r: (r.get("mean_logprob", -math.inf), -r["sample"]))]
         if g.cot is not None:
             counts["not_chosen"] += len(by_prompt[index]) - len(group)
         kept += group

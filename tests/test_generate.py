@@ -226,6 +226,38 @@ def test_chain_of_thought_verification(workspace, tmp_path):
     assert {json.loads(line)["completion"] for line in (out2 / "data.jsonl").read_text().splitlines()} == {"#### cat"}
 
 
+def test_keep_likeliest_uses_the_teachers_log_probs(workspace, tmp_path):
+    """keep=likeliest: per prompt the verified sample with the highest mean teacher log-probability,
+    which is the model's own (checked in float64 against a plain forward)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n"
+                               for p in ["the dog sees a", "a cat likes the", "some fish"]))
+    cot = {"answer_pattern": r"(\w+)", "verify": False, "keep": "likeliest"}
+    path, out = gen_config(tmp_path, workspace, "best", prompts=prompts, num_samples=4, cot=cot)
+    assert run_cli("generate", path).returncode == 0
+    samples = [json.loads(line) for f in sorted((out / "samples").iterdir()) for line in f.read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        group = [s for s in samples if s["prompt_index"] == r["prompt_index"]]
+        assert r["sample"] == max(group, key=lambda s: s["mean_logprob"])["sample"]
+    teacher = workspace / "teacher_run" / "student"
+    tok = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher).double().eval()
+    s = samples[0]
+    prompt = tok(s["prompt"], add_special_tokens=False)["input_ids"]
+    completion = tok(s["completion"], add_special_tokens=False)["input_ids"]
+    ids = prompt + completion + ([tok.eos_token_id] if s["finish_reason"] == "stop" else [])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+    target = torch.tensor(ids[1:])[len(prompt) - 1:]
+    expected = logp[len(prompt) - 1:].gather(-1, target[:, None]).mean().item()
+    assert s["mean_logprob"] == pytest.approx(expected, abs=1e-4)
+
+
 def test_synthetic_prompts(workspace, tmp_path):
     examples = ["the cat sees a dog", "a bird finds the fish", "one fox chases some mouse"]
     synthetic = {"num_prompts": 6, "examples": examples, "template": "{examples} and ", "separator": " and ",

@@ -15,7 +15,8 @@ request per (prompt, sample), at most ``concurrency`` in flight, and returns the
   token; it is never part of ``describe()`` (what manifests record) or of an error message.
 - **Log-probs.** With ``logprobs=k`` the reply's generated tokens and their top-k log-probs are
   kept (``tokens``, ``top_logprobs``: one {token string: log p} per generated token, as the
-  completions API gives them; chat replies are converted to that shape).
+  completions API gives them; chat replies are converted to that shape), and ``mean_logprob``,
+  the mean log-probability of the generated tokens.
 - **Seeds.** Each request carries its own ``seed``: servers that honour it (vLLM, llama.cpp) give
   the same text for the same request, whatever the concurrency.
 """
@@ -28,7 +29,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import requests
@@ -63,9 +64,9 @@ class Reply:
     completion_tokens: Optional[int] = None
     tokens: Optional[list[str]] = None
     top_logprobs: Optional[list[dict[str, float]]] = None
+    mean_logprob: Optional[float] = None  # the teacher's mean log p per generated token (temperature 1), if known
     error: Optional[str] = None
     attempts: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def base_url(url: str) -> str:
@@ -204,13 +205,16 @@ class HTTPTeacher:
             if self.api == "chat":
                 content = lp["content"] or []
                 reply.tokens = [str(t["token"]) for t in content]
+                sampled = [float(t["logprob"]) for t in content]
                 reply.top_logprobs = [{str(e["token"]): float(e["logprob"]) for e in t.get("top_logprobs") or []}
                                       for t in content]
             else:
                 reply.tokens = [str(t) for t in lp["tokens"]]
+                sampled = [float(v) for v in lp["token_logprobs"]]
                 reply.top_logprobs = [{str(k): float(v) for k, v in (d or {}).items()} for d in lp["top_logprobs"]]
-            if len(reply.tokens) != len(reply.top_logprobs):
-                raise ValueError("tokens and top_logprobs differ in length")
+            if not len(reply.tokens) == len(reply.top_logprobs) == len(sampled):
+                raise ValueError("tokens, token_logprobs and top_logprobs differ in length")
+            reply.mean_logprob = sum(sampled) / len(sampled) if sampled else None
         return reply
 
     def generate(self, requests_: Sequence[Request], progress: Optional[Callable[[Reply], None]] = None) -> list[Reply]:

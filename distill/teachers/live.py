@@ -66,11 +66,14 @@ class LiveGenerator:
     ``Request``/``Reply`` shape as ``HTTPTeacher`` (``Request.prompt``: token ids).
 
     ``stop`` strings are applied to the decoded text (the text ends before the first one, as a
-    server's ``stop`` does); ``finish_reason`` is "stop" (EOS or a stop string) or "length"."""
+    server's ``stop`` does); ``finish_reason`` is "stop" (EOS or a stop string) or "length".
+    ``score``: also set each reply's ``mean_logprob``, the model's mean log p (temperature 1) of the
+    sampled tokens (EOS included when sampled), from one more forward over prompt + sample."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, settings, batch_size: int = 8, stop=(), autocast=None):
+    def __init__(self, model: nn.Module, tokenizer, *, settings, batch_size: int = 8, stop=(), autocast=None,
+                 score: bool = False):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
-        self.batch_size, self.stop, self.autocast = batch_size, list(stop), autocast
+        self.batch_size, self.stop, self.autocast, self.score = batch_size, list(stop), autocast, score
         self.seconds = 0.0
         self.context = getattr(model.config, "max_position_embeddings", None)
 
@@ -94,14 +97,45 @@ class LiveGenerator:
                           seeds=[requests[i].seed for i in rows], eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                           batch_size=self.batch_size, autocast=self.autocast)
-            for i, completion in zip(rows, done):
+            means = self._mean_logprobs([requests[i].prompt for i in rows], done) if self.score else [None] * len(rows)
+            for i, completion, mean in zip(rows, done, means):
                 text = tok.decode(completion.ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                 cut = min((p for p in (text.find(s) for s in self.stop) if p >= 0), default=-1)
                 if cut >= 0:
                     text = text[:cut]
                 finish = "stop" if completion.ended or cut >= 0 else "length"
-                out[i] = Reply(text=text, finish_reason=finish, completion_tokens=len(completion.ids))
+                out[i] = Reply(text=text, finish_reason=finish, completion_tokens=len(completion.ids), mean_logprob=mean)
                 if progress is not None:
                     progress(out[i])
         self.seconds += time.perf_counter() - tic
         return out
+
+    @torch.no_grad()
+    def _mean_logprobs(self, prompts, completions) -> list:
+        from distill.data import collate
+
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        examples = [dict(input_ids=list(p) + c.ids + ([eos] if c.ended else []),
+                         labels=[-100] * len(p) + c.ids + ([eos] if c.ended else [])) for p, c in zip(prompts, completions)]
+        keep = [i for i, e in enumerate(examples) if len(e["input_ids"]) > len(prompts[i])]
+        means = [None] * len(examples)
+        if not keep:
+            return means
+        device = self.model.get_output_embeddings().weight.device
+        batch = collate([examples[i] for i in keep], pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                        else eos)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        teacher = LiveTeacher(self.model, len(tok))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            values = teacher.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
+                                    want="token_logprobs", tokens=labels[mask]).token_logprobs.double()
+        finally:
+            self.model.train(was_training)
+        for i, row in zip(keep, torch.split(values, mask.sum(1).tolist())):
+            means[i] = row.mean().item()
+        return means
