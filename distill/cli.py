@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             from distill.config import load_config
 
-            print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+            stage = "generate" if any(o.startswith("generate.") for o in args.overrides) or _has_section(
+                args.config, "generate") else "train"
+            print(yaml.safe_dump(load_config(args.config, args.overrides, stage=stage).to_dict(), sort_keys=False),
+                  end="")
         elif args.verb == "quickstart":
             from distill.quickstart import quickstart
 
@@ -164,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         print("distill: terminated" if isinstance(e, Terminated) else "distill: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     return 0
+
+
+def _has_section(path: str, name: str) -> bool:
+    """The YAML file at ``path`` has a top-level ``name`` section (a `distill generate` config); False
+    when it cannot be read (load_config then says why)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and name in raw
 
 
 def _quiet_optional_imports() -> None:
