@@ -62,6 +62,7 @@ from distill.generation import NonFiniteGuard, SamplingSettings, row_seed, sampl
 from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, cross_entropy,
                             forward_kl, reverse_kl, slice_vocab, tvd)
 from distill.teachers import LiveTeacher
+from distill.teachers.live import completion_logprobs
 
 ECE_BINS = 15
 DRAFT_GAMMA = 4  # draft tokens per verification step for draft_expected_tokens
@@ -468,25 +469,19 @@ def likelihood_metrics(models: dict[str, nn.Module], dataset, *, teacher: Option
 
 @torch.inference_mode()
 def teacher_nll(teacher: nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-                vocab_size: int, pad_token_id: int, batch_size: int = 8, device="cpu") -> tuple[float, int]:
+                vocab_size: int, pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
     """The teacher's negative log-likelihood of completion tokens given their prompts.
 
     Returns ``(sum of −log p_teacher(token | prompt, earlier completion tokens), number of tokens)``
-    over every completion token (prompt tokens are context only); divide for the mean per token.
+    over every completion token (prompt tokens are context only); divide for the mean per token. Runs
+    on the teacher's device.
     """
-    source = LiveTeacher(teacher, vocab_size)
     examples = [dict(input_ids=list(p) + list(c), labels=[-100] * len(p) + list(c))
                 for p, c in zip(prompts, completions) if len(c)]
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_token_id=pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100  # (B, T-1): position t predicts completion token t+1
-        values = source.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
-                               want="token_logprobs", tokens=labels[mask]).token_logprobs  # (N,)
-        total -= values.double().sum().item()
-        count += values.shape[0]
+    rows = completion_logprobs(LiveTeacher(teacher, vocab_size), examples, pad_token_id=pad_token_id,
+                               batch_size=batch_size)
+    total = -sum(row.double().sum().item() for row in rows)
+    count = sum(row.shape[0] for row in rows)
     return total, count
 
 
@@ -738,7 +733,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
             if reference is not None and teacher_finite:
                 scored = [ids + [eos] if ended else ids for ids, ended in outs]  # a sampled EOS is scored too
                 total, count = teacher_nll(loaded[reference], prompt_ids, scored, vocab_size=vocab_size,
-                                           pad_token_id=pad, batch_size=batch_size, device=device)
+                                           pad_token_id=pad, batch_size=batch_size)
                 if math.isfinite(total):
                     gen["teacher_nll"] = total / count if count else None
                 else:  # finite on the data, not on these completions
@@ -901,8 +896,12 @@ def evaluate_generated(folder, *, teacher: Optional[str] = None, tokenizer: Opti
     tok = model_io.load_tokenizer(tok_name)
     dataset = load_tokenized(str(data), tokenizer=tok, format="auto", max_length=max_length, packing=False,
                              max_examples=max_examples)
-    rows = [json.loads(line) for line in data.read_text().splitlines()] if data.suffix == ".jsonl" else \
-        __import__("pyarrow.parquet", fromlist=["x"]).read_table(data).to_pylist()
+    if data.suffix == ".jsonl":
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(data).to_pylist()
     rows = rows[:max_examples] if max_examples else rows
     completions = [[x for x in labels if x != -100][:-1] for labels in dataset["labels"]]  # without the EOS
     lengths = [len(ids) for ids in completions]
@@ -926,21 +925,11 @@ def evaluate_generated(folder, *, teacher: Optional[str] = None, tokenizer: Opti
 
         device = torch.device("cuda") if has_accelerator() and torch.cuda.is_available() else torch.device("cpu")
         model = model_io.freeze(model_io.load_causal_lm(teacher, dtype=model_io.DTYPES[dtype])).to(device)
-        source = LiveTeacher(model, len(tok))
-        per_row, total, count = [], 0.0, 0
-        for start in range(0, len(dataset), batch_size):
-            part = dataset[start:start + batch_size]
-            batch = collate([dict(input_ids=i, labels=l) for i, l in zip(part["input_ids"], part["labels"])],
-                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            values = source.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
-                                   want="token_logprobs", tokens=labels[mask]).token_logprobs.double()
-            for row in torch.split(values, mask.sum(1).tolist()):
-                per_row.append(-row.mean().item())
-            total -= values.sum().item()
-            count += values.shape[0]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = completion_logprobs(LiveTeacher(model, len(tok)), [dict(input_ids=i, labels=l) for i, l in zip(
+            dataset["input_ids"], dataset["labels"])], pad_token_id=pad, batch_size=batch_size)
+        per_row = [-row.double().mean().item() for row in rows]
+        total, count = -sum(row.double().sum().item() for row in rows), sum(row.shape[0] for row in rows)
         result.update(teacher_nll=total / count, row_nll=per_row)
     return result
 

@@ -184,7 +184,7 @@ def _sampling(g):
     return SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
 
-def _open_teacher(config, *, stop, max_new_tokens=None, temperature=None):
+def _open_teacher(config, *, stop):
     """(teacher, tokenizer or None, description for the manifest)."""
     g, t = config.generate, config.teacher
     if t.source == "http":
@@ -193,8 +193,8 @@ def _open_teacher(config, *, stop, max_new_tokens=None, temperature=None):
         h = t.http
         teacher = HTTPTeacher(h.url, model=h.model, api=h.api, api_key_env=h.api_key_env, concurrency=h.concurrency,
                               timeout=h.timeout, max_retries=h.max_retries, logprobs=h.logprobs,
-                              max_new_tokens=max_new_tokens or g.max_new_tokens,
-                              temperature=temperature or g.temperature, top_p=g.top_p, top_k=g.top_k, stop=stop)
+                              max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                              stop=stop)
         return teacher, None, teacher.describe()
     import torch
 
@@ -206,9 +206,7 @@ def _open_teacher(config, *, stop, max_new_tokens=None, temperature=None):
     model = build.load_teacher(config)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    settings = dataclasses.replace(_sampling(g), max_new_tokens=max_new_tokens or g.max_new_tokens,
-                                   temperature=temperature or g.temperature)
-    teacher = LiveGenerator(model, tokenizer, settings=settings, batch_size=g.batch_size, stop=stop,
+    teacher = LiveGenerator(model, tokenizer, settings=_sampling(g), batch_size=g.batch_size, stop=stop,
                             score=g.cot is not None and g.cot.keep == "likeliest")
     desc = {"kind": "local", "model": t.model, "revision": t.revision,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "weights_sha256": weights_sha256(model)}
@@ -286,7 +284,7 @@ def generate(config, overrides: Optional[list[str]] = None, *, progress: bool = 
     teacher, tokenizer, teacher_desc = _open_teacher(config, stop=stop)
     synthetic = None
     if g.synthetic is not None:
-        synthetic = synthesize_prompts(config, out, teacher_desc, progress=progress)
+        synthetic = synthesize_prompts(config, out, teacher, tokenizer, teacher_desc, progress=progress)
         prompts, kind = load_prompts(config, str(out / PROMPTS))
     else:
         prompts, kind = load_prompts(config)
@@ -530,7 +528,22 @@ def _check_resume(out: Path, header: dict) -> None:
 # Synthetic prompts
 
 
-def synthesize_prompts(config, out: Path, teacher_desc: dict, *, progress: bool) -> dict:
+def _with_settings(teacher, *, stop, max_new_tokens: int, temperature: float):
+    """The same teacher (the model in memory, or the endpoint) with other sampling settings."""
+    import copy
+
+    from distill.teachers.live import LiveGenerator
+
+    if isinstance(teacher, LiveGenerator):
+        settings = dataclasses.replace(teacher.settings, max_new_tokens=max_new_tokens, temperature=temperature)
+        return LiveGenerator(teacher.model, teacher.tokenizer, settings=settings, batch_size=teacher.batch_size,
+                             stop=stop, autocast=teacher.autocast)
+    other = copy.copy(teacher)
+    other.settings = {**teacher.settings, "max_tokens": max_new_tokens, "temperature": temperature, "stop": list(stop)}
+    return other
+
+
+def synthesize_prompts(config, out: Path, teacher, tokenizer, teacher_desc: dict, *, progress: bool) -> dict:
     """Write ``out/prompts.jsonl``: prompts the teacher writes from the seed examples and topics, without
     near-duplicates (of each other and of the examples). Returns its counts (also kept in
     ``synthetic.json``); an existing complete file is reused."""
@@ -547,8 +560,7 @@ def synthesize_prompts(config, out: Path, teacher_desc: dict, *, progress: bool)
             raise UserError(f"{out} holds synthetic prompts made with other settings; use a new generate.output, or "
                             "delete that folder to start over")
         return info
-    teacher, tokenizer, _ = _open_teacher(config, stop=[s.separator], max_new_tokens=s.max_new_tokens,
-                                          temperature=s.temperature)
+    teacher = _with_settings(teacher, stop=[s.separator], max_new_tokens=s.max_new_tokens, temperature=s.temperature)
     api = config.teacher.http.api if config.teacher.source == "http" else "local"
     seen = NearDuplicates(s.ngram, s.max_overlap)
     for example in s.examples:

@@ -110,32 +110,35 @@ class LiveGenerator:
         self.seconds += time.perf_counter() - tic
         return out
 
-    @torch.no_grad()
     def _mean_logprobs(self, prompts, completions) -> list:
-        from distill.data import collate
-
-        tok = self.tokenizer
-        eos = tok.eos_token_id
+        eos = self.tokenizer.eos_token_id
         examples = [dict(input_ids=list(p) + c.ids + ([eos] if c.ended else []),
                          labels=[-100] * len(p) + c.ids + ([eos] if c.ended else [])) for p, c in zip(prompts, completions)]
-        keep = [i for i, e in enumerate(examples) if len(e["input_ids"]) > len(prompts[i])]
-        means = [None] * len(examples)
-        if not keep:
-            return means
-        device = self.model.get_output_embeddings().weight.device
-        batch = collate([examples[i] for i in keep], pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
-                        else eos)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        teacher = LiveTeacher(self.model, len(tok))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         was_training = self.model.training
         self.model.eval()
         try:
-            values = teacher.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
-                                    want="token_logprobs", tokens=labels[mask]).token_logprobs.double()
+            rows = completion_logprobs(LiveTeacher(self.model, len(self.tokenizer)), examples, pad_token_id=pad,
+                                       batch_size=self.batch_size)
         finally:
             self.model.train(was_training)
-        for i, row in zip(keep, torch.split(values, mask.sum(1).tolist())):
-            means[i] = row.mean().item()
-        return means
+        return [row.double().mean().item() if row.numel() else None for row in rows]
+
+
+def completion_logprobs(teacher: LiveTeacher, examples: list[dict], *, pad_token_id: int,
+                        batch_size: int = 8) -> list[Tensor]:
+    """Per example (``input_ids``, ``labels`` with -100 on context), the teacher's log p (temperature 1)
+    of each supervised token given what precedes it: one (n_i,) float32 tensor per example, in order."""
+    from distill.data import collate
+
+    device = teacher.model.get_output_embeddings().weight.device
+    out: list[Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_token_id=pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100  # (B, T-1): position t predicts supervised token t+1
+        values = teacher.signal({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, mask,
+                                want="token_logprobs", tokens=labels[mask]).token_logprobs  # (N,)
+        out += list(torch.split(values, mask.sum(1).tolist()))
+    return out
