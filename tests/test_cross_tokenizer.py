@@ -1,0 +1,236 @@
+"""Cross-tokenizer distillation: byte-offset alignment on real tokenizer pairs, and the losses
+(exact-match over the shared vocabulary, merged spans, ULD) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from distill.losses import get_divergence
+from distill.losses.cross_tokenizer import (AlignmentError, align_spans, byte_ends, coarsen, exact_match_divergence,
+                                            log1mexp, shared_token_ids, span_divergence, token_bytes, uld_distance)
+from reference import CASE_IDS, CASES, probs
+from tokenizer_zoo import corpus_texts, train_tokenizer
+
+ASSETS = "distill/assets/tokenizer"
+HARD = [
+    "def f(x):\n    return 'héllo'  # naïve café\n",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧 in one line",
+    "中文分词很难，日本語も。한국어도",
+    "\tif x:\n\t\tpass\n\n\n    y = [1,2,3]   \n",
+    "Ünïcödé àccents: Ångström, façade, coöperate — ∑∫√",
+    "",
+    "a",
+]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    texts = corpus_texts(200_000) + HARD
+    return {"bpe8k": AutoTokenizer.from_pretrained(ASSETS),
+            "bpe1k": train_tokenizer(texts, "bpe", 1000),
+            "unigram": train_tokenizer(texts, "unigram", 1000),
+            "wordpiece": train_tokenizer(texts, "wordpiece", 1000)}
+
+
+# --------------------------------------------------------------------------------------------- alignment
+
+
+def test_align_spans_hand_cases():
+    # "abcdef": teacher [ab][cd][ef], student [a][bcd][ef]: common boundaries at 4 and 6.
+    assert [(s.t0, s.t1, s.s0, s.s1) for s in align_spans([2, 4, 6], [1, 4, 6])] == [(0, 2, 0, 2), (2, 3, 2, 3)]
+    # Identical tokenizations: one span per token.
+    assert all(s.single for s in align_spans([1, 3, 6], [1, 3, 6]))
+    # Two pieces of one multibyte character share its end: never a boundary between them.
+    assert [(s.t0, s.t1, s.s0, s.s1) for s in align_spans([1, 3, 3], [1, 2, 3])] == [(0, 1, 0, 1), (1, 3, 1, 3)]
+    # A tail past the last common boundary belongs to no span (e.g. whitespace one side drops).
+    assert [(s.t0, s.t1) for s in align_spans([2, 5], [2, 4])] == [(0, 1)]
+    assert align_spans([], [3]) == []
+
+
+@pytest.mark.parametrize("student", ["bpe1k", "unigram", "wordpiece"])
+@pytest.mark.parametrize("text", HARD, ids=range(len(HARD)))
+def test_spans_cover_the_same_bytes_on_real_tokenizer_pairs(zoo, student, text):
+    teacher = zoo["bpe8k"]
+    t_ids, t_ends = byte_ends(teacher, text)
+    s_ids, s_ends = byte_ends(zoo[student], text)
+    spans = align_spans(t_ends, s_ends)
+    data = text.encode()
+    starts = {0} | {i for i in range(1, len(data) + 1) if i == len(data) or (data[i] & 0xC0) != 0x80}
+    previous = (0, 0)
+    for span in spans:
+        assert (span.t0, span.s0) == previous  # contiguous, in order, nothing skipped
+        end = t_ends[span.t1 - 1]
+        assert end == s_ends[span.s1 - 1]  # both sides end the span at the same byte
+        assert end in starts  # never inside a UTF-8 character
+        # maximal: no common boundary strictly inside the span
+        inner_t = {t_ends[i] for i in range(span.t0, span.t1 - 1) if t_ends[i] < t_ends[i + 1]}
+        inner_s = {s_ends[i] for i in range(span.s0, span.s1 - 1) if s_ends[i] < s_ends[i + 1]}
+        assert not inner_t & inner_s
+        previous = (span.t1, span.s1)
+    if student == "bpe1k" and text:  # both byte-level: everything aligns, to the last byte
+        assert previous == (len(t_ids), len(s_ids))
+        t_bytes, s_bytes = token_bytes(teacher), token_bytes(zoo[student])
+        for span in spans:
+            assert b"".join(t_bytes[i] for i in t_ids[span.t0:span.t1]) == \
+                b"".join(s_bytes[i] for i in s_ids[span.s0:span.s1])
+
+
+def test_multibyte_characters_split_into_byte_tokens_stay_in_one_span(zoo):
+    text = "x😀y"
+    t_ids, t_ends = byte_ends(zoo["bpe1k"], text)
+    assert len(t_ids) > 3  # the 1k BPE splits the emoji into byte tokens
+    s_ids, s_ends = byte_ends(zoo["unigram"], text)
+    spans = align_spans(t_ends, s_ends)
+    assert [t_ends[s.t1 - 1] for s in spans] == [1, 5, 6]
+
+
+def test_identical_tokenizers_align_every_token_one_to_one(zoo):
+    for text in HARD:
+        ids, ends = byte_ends(zoo["bpe8k"], text)
+        spans = align_spans(ends, ends)
+        # every token that ends past the previous one is its own span
+        assert all(s.single for s in spans if len(ids)) or any(ends[i] == ends[i + 1] for i in range(len(ends) - 1))
+        assert sum(s.t1 - s.t0 for s in spans) == len(ids)
+
+
+def test_token_bytes_reproduce_the_text(zoo):
+    for name in ("bpe8k", "bpe1k", "unigram"):
+        tb = token_bytes(zoo[name])
+        for text in HARD:
+            ids = zoo[name](text, add_special_tokens=False)["input_ids"]
+            assert b"".join(tb[i] for i in ids) == text.encode(), name
+    tb = token_bytes(zoo["wordpiece"])  # WordPiece drops whitespace and keeps the rest
+    text = HARD[0]
+    ids = zoo["wordpiece"](text, add_special_tokens=False)["input_ids"]
+    assert b"".join(tb[i] for i in ids) == b"".join(text.encode().split())
+
+
+def test_shared_tokens_are_pairs_of_equal_bytes_plus_eos(zoo):
+    t, s = shared_token_ids(zoo["bpe8k"], zoo["unigram"])
+    tb, sb = token_bytes(zoo["bpe8k"]), token_bytes(zoo["unigram"])
+    assert len(t) == len(s) == len(set(s)) and 100 < len(s) < len(zoo["unigram"])
+    for i, j in zip(t, s):
+        assert (tb[i] == sb[j]) or (i == zoo["bpe8k"].eos_token_id and j == zoo["unigram"].eos_token_id)
+    same_t, same_s = shared_token_ids(zoo["bpe8k"], zoo["bpe8k"])
+    assert same_t == same_s == list(range(len(zoo["bpe8k"])))  # every id, special EOS included
+
+
+def test_a_tokenizer_without_offsets_is_refused(zoo):
+    class Slow:
+        is_fast = False
+        name_or_path = "slow-tok"
+
+    with pytest.raises(AlignmentError, match="no offset mapping"):
+        byte_ends(Slow(), "text")
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+N, VS, VT = 37, 61, 83
+
+
+def _pairs(seed=0, shared=29):
+    g = torch.Generator().manual_seed(seed)
+    s_ids = torch.randperm(VS, generator=g)[:shared]
+    t_ids = torch.randperm(VT, generator=g)[:shared]
+    zs = (torch.randn(N, VS, generator=g) * 2).requires_grad_()
+    zt = torch.randn(N, VT, generator=g) * 2
+    return zs, zt, s_ids, t_ids
+
+
+def ref_coarse(logits, ids, temperature):
+    p = probs(logits, temperature)
+    shared = p[:, ids]
+    return torch.cat([shared, 1 - shared.sum(-1, keepdim=True)], -1)
+
+
+def test_coarsen_against_float64():
+    zs, _, s_ids, _ = _pairs()
+    got = coarsen(torch.log_softmax(zs.detach(), -1), s_ids).exp()
+    torch.testing.assert_close(got.double(), ref_coarse(zs.detach(), s_ids, 1.0), rtol=1e-5, atol=1e-6)
+    full = coarsen(torch.log_softmax(zs.detach(), -1), torch.arange(VS))
+    assert torch.isneginf(full[:, -1]).all()  # ids covering the vocabulary: an empty rest bucket
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_exact_match_against_float64_values_and_gradients(case, temperature):
+    zs, zt, s_ids, t_ids = _pairs()
+    got = exact_match_divergence(zs, zt, s_ids, t_ids, divergence=case.name, temperature=temperature, **case.params)
+    zs64 = zs.detach().double().requires_grad_()
+    q, p = ref_coarse(zs64, s_ids, temperature), ref_coarse(zt, t_ids, temperature)
+    want = case.reference(q.log(), p.log(), **case.params)  # coarse log-probs as logits: softmax is the identity
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    (g,) = torch.autograd.grad(got.sum(), zs)
+    (g64,) = torch.autograd.grad(want.sum(), zs64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_identical_vocabularies_reduce_to_the_ordinary_divergence(case):
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(N, VS, generator=g) * 3, torch.randn(N, VS, generator=g) * 3
+    ids = torch.arange(VS)
+    got = exact_match_divergence(zs, zt, ids, ids, divergence=case.name, temperature=1.5, **case.params)
+    want = get_divergence(case.name)(zs, zt, temperature=1.5, **case.params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_span_divergence_against_float64(case):
+    g = torch.Generator().manual_seed(4)
+    lq = (-torch.rand(N, generator=g) * 6).requires_grad_()
+    lp = -torch.rand(N, generator=g) * 6
+    got = span_divergence(lq, lp, divergence=case.name, **case.params)
+    lq64 = lq.detach().double().requires_grad_()
+    two = lambda lp_: torch.stack([lp_.exp(), 1 - lp_.exp()], -1).log()  # noqa: E731
+    want = case.reference(two(lq64), two(lp.double()), **case.params)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    (gr,) = torch.autograd.grad(got.sum(), lq)
+    (gr64,) = torch.autograd.grad(want.sum(), lq64)
+    torch.testing.assert_close(gr.double(), gr64, rtol=1e-4, atol=1e-6)
+
+
+def test_span_divergence_is_zero_for_equal_probabilities_and_finite_at_certainty():
+    lp = torch.tensor([0.0, -1e-9, -0.5, -30.0])
+    for name in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        value = span_divergence(lp, lp, divergence=name)
+        assert torch.isfinite(value).all() and value.abs().max() < 1e-6
+    x = torch.tensor([-1e-10, -1e-3, -0.69, -0.7, -5.0, -50.0])
+    want = torch.log(-torch.expm1(x.double()))  # float64 is exact enough here
+    torch.testing.assert_close(log1mexp(x).double(), want, rtol=1e-6, atol=1e-12)
+    assert torch.isneginf(log1mexp(torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_uld_against_float64_values_and_gradients(exclude, temperature):
+    zs, zt, s_ids, t_ids = _pairs(seed=5)
+    kw = dict(student_exclude=s_ids, teacher_exclude=t_ids) if exclude else {}
+    got = uld_distance(zs, zt, temperature=temperature, **kw)
+    zs64 = zs.detach().double().requires_grad_()
+    q, p = probs(zs64, temperature), probs(zt, temperature)
+    if exclude:
+        keep_s = torch.ones(VS, dtype=torch.bool).index_fill(0, s_ids, False)
+        keep_t = torch.ones(VT, dtype=torch.bool).index_fill(0, t_ids, False)
+        q, p = q[:, keep_s], p[:, keep_t]
+    width = max(q.shape[1], p.shape[1])
+    qs = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[1]))
+    ps = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[1]))
+    want = (ps - qs).abs().sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(got.sum(), zs)
+    (g64,) = torch.autograd.grad(want.sum(), zs64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+def test_uld_is_zero_for_a_permuted_vocabulary_and_positive_otherwise():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(5, 40, generator=g)
+    perm = torch.randperm(40, generator=g)
+    assert uld_distance(z, z[:, perm]).abs().max() < 1e-6
+    padded = torch.cat([z[:, perm], torch.full((5, 7), -float("inf"))], -1)  # a larger vocabulary, unused rows
+    assert uld_distance(z, padded).abs().max() < 1e-6
+    assert (uld_distance(z, torch.randn(5, 40, generator=g)) > 1e-3).all()
