@@ -88,6 +88,19 @@ class LossConfig:
     chunk_size: int = 256  # tokens per chunk of the fused LM-head loss (see BENCHMARKS.md); 0 = dense logits
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
     discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
+    cross_tokenizer: Optional[CrossTokenizerConfig] = None  # a teacher with another tokenizer (aligned by bytes)
+
+
+@dataclass
+class CrossTokenizerConfig:
+    """A teacher and student with different tokenizers: per span of text both tokenizations end at the
+    same byte, ``exact_weight`` x the divergence over the shared tokens (renormalised; merged spans:
+    the span's probability) + ``uld_weight`` x ULD (L1 of sorted probabilities). See LOSSES.md."""
+
+    exact_weight: float = 1.0
+    uld_weight: float = 1.0
+    uld_tokens: Literal["auto", "all", "unmatched"] = "auto"  # auto: unmatched (the non-shared tokens) when exact_weight > 0
+    exact_mode: Literal["renormalized", "rest_bucket"] = "renormalized"  # shared tokens renormalised, or + a rest bucket per side
 
 
 @dataclass
@@ -390,6 +403,22 @@ def validate(c: Config) -> None:
         _check(g.lmbda < 1.0, "generation.seq_kd has no effect with generation.lmbda=1 (every step is on-policy)")
 
     from_cache = c.teacher.source == "cache"
+    x = loss.cross_tokenizer
+    if x is not None:
+        _check(x.exact_weight >= 0 and x.uld_weight >= 0 and x.exact_weight + x.uld_weight > 0,
+               "loss.cross_tokenizer: exact_weight and uld_weight must be >= 0 and not both 0")
+        _check(not from_cache, "loss.cross_tokenizer needs the live teacher (teacher.source=live): a top-k cache holds "
+                               "the teacher's targets on its own tokenizer's positions and cannot be re-aligned")
+        _check(not sampled, "loss.cross_tokenizer does not support sampled_reverse_kl (it needs the teacher's "
+                            "distributions at aligned spans); use reverse_kl or jsd")
+        _check(bool(c.teacher.model), "loss.cross_tokenizer needs teacher.model (with loss.kd_weight 0 the teacher "
+                                      "is only evaluated against, on the aligned spans)")
+        _check(c.student.init_from_teacher_layers is None, "student.init_from_teacher_layers copies the teacher's "
+               "embeddings, which do not fit another tokenizer: give student.config or student.model")
+        _check(not c.generation.seq_kd, "generation.seq_kd samples from the teacher, whose tokens the student cannot "
+                                        "read with loss.cross_tokenizer: distill generate writes its text instead")
+        _check(bool(c.student.tokenizer or c.student.model), "loss.cross_tokenizer needs the student's own tokenizer "
+               "(student.tokenizer or student.model)")
     if from_cache:
         _check(bool(c.cache.dir), "teacher.source=cache needs cache.dir (the folder `distill cache` wrote)")
         _check(loss.divergence == "forward_kl", f"teacher.source=cache: a top-k cache supports divergence "

@@ -40,11 +40,13 @@ from distill.export import qat
 from distill.export.torchao_build import is_torchao_folder
 from distill import faults
 from distill.generation import NonFiniteGuard, SamplingSettings, sample
-from distill.losses import (DEFAULT_CHUNK_SIZE, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
-                            get_divergence, kd_loss, slice_vocab, sparse_kd_loss)
+from distill.losses import (DEFAULT_CHUNK_SIZE, LossParts, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
+                            get_divergence, kd_loss, slice_vocab, sparse_kd_loss, tau2_scale)
+from distill.losses.cross_tokenizer import cross_tokenizer_divergence
 from distill.losses.policy import chunked_token_logprobs, sampled_kd_loss, token_logprobs
 from distill import models
 from distill.teachers import CacheTeacher, LiveTeacher, TeacherSignal
+from distill.teachers.cross import Aligner, CrossTokenizerTeacher
 
 log = logging.getLogger(__name__)
 SAMPLED_OBJECTIVE = "sampled_reverse_kl"  # loss.divergence: the policy-gradient objective (losses/policy.py)
@@ -132,10 +134,13 @@ class LossSettings:
     vocab_size: int
     sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
     discount: float = 0.0  # sampled_reverse_kl: discount of the advantage over the rest of the completion
+    cross: Optional[dict] = None  # a teacher with another tokenizer: exact_weight, uld_weight, uld_tokens
 
     @property
     def want(self) -> str:
         """What the loss asks the teacher for (see distill.teachers)."""
+        if self.cross is not None:
+            return "aligned"
         return "token_logprobs" if self.divergence == SAMPLED_OBJECTIVE else "hidden" if self.chunk_size else "logits"
 
 
@@ -152,6 +157,8 @@ def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, 
                                        if teacher is not None else None)
     teacher_ok = signal.ok if signal is not None else None
     head = _unwrap(student).model.get_output_embeddings()
+    if s.cross is not None:
+        return cross_tokenizer_micro_batch(student(**inputs), head, tokens, mask, signal, s), teacher_ok
     if s.divergence == SAMPLED_OBJECTIVE:  # only log q(y_t) of the sampled tokens is needed
         if s.chunk_size:
             logq = chunked_token_logprobs(student(**inputs)[:, :-1][mask], head.weight, tokens, bias=head.bias,
@@ -178,17 +185,53 @@ def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, 
     return kd_loss(logits, signal.logits if signal is not None else None, tokens, **common), teacher_ok
 
 
+def cross_tokenizer_micro_batch(hidden: Tensor, head: nn.Module, tokens: Tensor, mask: Tensor,
+                                signal: Optional[TeacherSignal], s: LossSettings) -> LossParts:
+    """The objective against a teacher with another tokenizer: KD over the aligned spans (sums), CE over
+    every supervised student token. ``hidden`` (B, T, d) is the student's last hidden state."""
+    flat = hidden.flatten(0, 1)  # (B*T, d)
+    chunk = s.chunk_size or DEFAULT_CHUNK_SIZE
+    ce = -chunked_token_logprobs(hidden[:, :-1][mask], head.weight, tokens, bias=head.bias,
+                                 vocab_size=s.vocab_size, chunk_size=chunk).sum()
+    kd = ce.new_zeros(())
+    if signal is not None:
+        a = signal.aligned.alignment
+        logits = slice_vocab(head(flat[a.s_first]), s.vocab_size)  # (N, V_s): only the spans' first predictions
+        scale = 1.0 / s.temperature
+        lp = chunked_token_logprobs(flat[a.s_pos] * scale, head.weight, a.s_tok, bias=None if head.bias is None
+                                    else head.bias * scale, vocab_size=s.vocab_size, chunk_size=chunk)  # (M_s,) at τ
+        span_lp = lp.new_zeros(a.num_spans).index_add(0, a.s_span, lp)  # (N,)
+        exact, uld = cross_tokenizer_divergence(
+            logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob, a.single, s.cross["student_ids"],
+            s.cross["teacher_ids"], divergence=s.divergence, temperature=s.temperature,
+            exact_weight=s.cross["exact_weight"], uld_weight=s.cross["uld_weight"],
+            uld_tokens=s.cross["uld_tokens"], exact_mode=s.cross["exact_mode"], **s.divergence_kwargs)
+        kd = s.cross["exact_weight"] * exact.sum() + s.cross["uld_weight"] * uld.sum()
+    loss = ce.new_zeros(())
+    if s.kd_weight:
+        loss = loss + s.kd_weight * tau2_scale(s.temperature, s.scale_by_tau2) * kd
+    if s.ce_weight:
+        loss = loss + s.ce_weight * ce
+    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), num_supervised=mask.sum())
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module
 
 
 @torch.no_grad()
 def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch_size: int, pad_token_id: int,
-             s: LossSettings, accelerator: Accelerator) -> dict:
+             s: LossSettings, accelerator: Accelerator, aligned_teacher: Optional[CrossTokenizerTeacher] = None) -> dict:
     """Student CE / perplexity on held-out data and, with a teacher, fidelity to it: forward KL and
     the training divergence at temperature 1, and top-1 agreement. Sums are reduced over processes.
     Positions where the student's or the teacher's logits are non-finite are left out of every sum
-    and counted in ``eval/nonfinite_positions`` (present only when there are any)."""
+    and counted in ``eval/nonfinite_positions`` (present only when there are any). With
+    ``aligned_teacher`` (another tokenizer), fidelity on the aligned spans (``aligned_fidelity``)."""
+    if aligned_teacher is not None:
+        result = evaluate(student, None, dataset, batch_size=batch_size, pad_token_id=pad_token_id, s=s,
+                          accelerator=accelerator)
+        return {**result, **aligned_fidelity(student, aligned_teacher, dataset, batch_size=batch_size,
+                                             pad_token_id=pad_token_id, s=s, accelerator=accelerator)}
     student.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     div_name = "reverse_kl" if s.divergence == SAMPLED_OBJECTIVE else s.divergence  # what the sampled one estimates
@@ -230,6 +273,54 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     if bad:
         result["eval/nonfinite_positions"] = int(bad)
     return result
+
+
+@torch.no_grad()
+def aligned_fidelity(student: nn.Module, teacher: CrossTokenizerTeacher, dataset, *, batch_size: int,
+                     pad_token_id: int, s: LossSettings, accelerator: Accelerator) -> dict:
+    """Fidelity to a teacher with another tokenizer, per aligned span at temperature 1: the exact-match
+    forward KL (shared tokens + rest buckets on 1:1 spans, the span's probability on merged ones), ULD
+    on all tokens, top-1 agreement on 1:1 spans (both argmax tokens shared and the same text), and the
+    share of supervised student tokens that lie in aligned spans."""
+    student.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # kl, uld, agree, spans, single, tokens
+    n_sup = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    head = _unwrap(student).model.get_output_embeddings()
+    s_ids, t_ids = s.cross["student_ids"], s.cross["teacher_ids"]
+    to_teacher = torch.full((s.vocab_size,), -1, dtype=torch.long, device=accelerator.device)
+    to_teacher[s_ids] = t_ids
+    tau, teacher.temperature = teacher.temperature, 1.0
+    indices = list(range(rank, len(dataset), world))
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = fetch(dataset, indices[start:start + batch_size], pad_token_id, accelerator.device)
+            inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            mask = batch["labels"][:, 1:] != -100
+            with accelerator.autocast():
+                signal = teacher.signal(inputs, mask, want="aligned")
+                hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state.flatten(0, 1)
+            a = signal.aligned.alignment
+            logits = slice_vocab(head(hidden[a.s_first]), s.vocab_size).float()  # (N, V_s)
+            lp = token_logprobs(slice_vocab(head(hidden[a.s_pos]), s.vocab_size), a.s_tok)
+            span_lp = lp.new_zeros(a.num_spans).index_add(0, a.s_span, lp)
+            kl, _ = cross_tokenizer_divergence(logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob,
+                                               a.single, s_ids, t_ids, divergence="forward_kl", uld_weight=0.0)
+            _, uld = cross_tokenizer_divergence(logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob,
+                                                a.single, s_ids, t_ids, exact_weight=0.0, uld_tokens="all")
+            agree = (to_teacher[logits.argmax(-1)] == signal.aligned.logits.argmax(-1)) & a.single
+            sums += torch.stack([kl.double().sum(), uld.double().sum(), agree.double().sum(),
+                                 torch.tensor(float(a.num_spans), device=sums.device), a.single.double().sum(),
+                                 a.span_tokens.double().sum()])
+            n_sup += mask.sum()
+    finally:
+        teacher.temperature = tau
+        student.train()
+    kl, uld, agree, spans, single, tokens = accelerator.reduce(sums, reduction="sum").tolist()
+    n_sup = accelerator.reduce(n_sup, reduction="sum").item()
+    return {"eval/aligned_forward_kl": kl / spans if spans else None, "eval/aligned_uld": uld / spans if spans else None,
+            "eval/aligned_top1_agreement": agree / single if single else None,
+            "eval/aligned_token_share": tokens / n_sup if n_sup else None, "eval/aligned_spans": int(spans)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +517,15 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
         teacher = load_teacher(config)
-    vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
+    cross = L.cross_tokenizer
+    teacher_tokenizer = tokenizer
+    if cross is not None:  # the teacher reads each row's text with its own tokenizer (distill/teachers/cross.py)
+        teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
+                                                  trust_remote_code=config.teacher.trust_remote_code)
+        aligner = Aligner(teacher_tokenizer, tokenizer)
+        vocab_size = len(tokenizer)
+    else:
+        vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)
     if config.student.model and t.qat is not None and is_torchao_folder(config.student.model):
         raise UserError(f"student.model {config.student.model} is already a quantized torchao build: train.qat "
                         "starts from float weights (a QAT run keeps them in RUN/student-float)")
@@ -445,7 +544,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         log.warning("the student's config disagrees with the tokenizer (%s): the saved student carries the "
                     "tokenizer's ids", "; ".join(fixed))
     if teacher is not None:
-        fixed = models.align_special_tokens(teacher, tokenizer)
+        fixed = models.align_special_tokens(teacher, teacher_tokenizer)
         if fixed and accelerator.is_main_process:
             log.warning("the teacher's config disagrees with the tokenizer (%s): distill uses the tokenizer's ids",
                         "; ".join(fixed))
@@ -453,16 +552,22 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         teacher = None  # it only gave the student its layers
     if t.qat is not None:  # the loss sees int4 weights; the optimizer updates their float masters
         qat.prepare(student, t.qat.bits, t.qat.group_size)
-    widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
-    if min(widths) < vocab_size:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but a model's vocabulary has only {min(widths)} rows")
+    for m, tok in ((student, tokenizer), (teacher, teacher_tokenizer)):
+        rows = m.get_output_embeddings().weight.shape[0] if m is not None else None
+        if rows is not None and rows < len(tok) and (cross is not None or rows < vocab_size):
+            raise UserError(f"the tokenizer has {len(tok) if cross is not None else vocab_size} tokens but "
+                            f"a model's vocabulary has only {rows} rows")
     chunked = L.chunk_size > 0 and all(has_plain_lm_head(m) for m in (student, teacher) if m is not None)
     settings = LossSettings(
         divergence=L.divergence,
         divergence_kwargs={k: v for k, v in (("beta", L.beta), ("alpha", L.alpha)) if v is not None},
         temperature=L.temperature, scale_by_tau2=L.scale_by_tau2, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
         chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, sparse_mode=L.sparse_mode or "tail",
-        discount=L.discount or 0.0)
+        discount=L.discount or 0.0,
+        cross=None if cross is None else dict(
+            exact_weight=cross.exact_weight, uld_weight=cross.uld_weight, uld_tokens=cross.uld_tokens,
+            exact_mode=cross.exact_mode,
+            teacher_ids=torch.tensor(aligner.teacher_ids), student_ids=torch.tensor(aligner.student_ids)))
 
     # Data, tokenized once and cached.
     d = config.data
@@ -487,6 +592,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     teacher_source = None
     if from_cache:
         teacher_source = CacheTeacher(open_teacher_cache(config, tokenizer, train_set, vocab_size), accelerator.device)
+    elif teacher is not None and cross is not None:
+        teacher_source = CrossTokenizerTeacher(teacher, aligner, len(teacher_tokenizer), temperature=L.temperature,
+                                               chunk_size=settings.chunk_size or DEFAULT_CHUNK_SIZE)
     elif teacher is not None:
         teacher_source = LiveTeacher(teacher, vocab_size, chunk_size=settings.chunk_size or DEFAULT_CHUNK_SIZE)
     loss_teacher = teacher_source if L.kd_weight > 0 else None
@@ -507,6 +615,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
+    if cross is not None:
+        settings.cross.update(teacher_ids=settings.cross["teacher_ids"].to(accelerator.device),
+                              student_ids=settings.cross["student_ids"].to(accelerator.device))
 
     # Sampling in the loop (on-policy / sequence-level KD): from the live weights, seeded per row.
     sampling = SamplingSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
@@ -544,8 +655,12 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     eval_result: dict = {}
     eval_args = dict(batch_size=t.eval_batch_size or t.batch_size, pad_token_id=tokenizer.pad_token_id,
                      s=settings, accelerator=accelerator)
+    if cross is not None:  # fidelity on the aligned spans, not id by id
+        eval_args["aligned_teacher"], teacher_for_eval = teacher_source, None
+    else:
+        teacher_for_eval = teacher
     if eval_set is not None and t.eval_at_start and state["step"] == 0:
-        metrics.write({"step": 0, **evaluate(model, teacher, eval_set, **eval_args)})
+        metrics.write({"step": 0, **evaluate(model, teacher_for_eval, eval_set, **eval_args)})
     tic, tokens_seen = time.perf_counter(), 0
     timing = {"generation": 0.0, "step": 0.0}  # this process's seconds since the last log (not checkpointed)
     restore_sigterm = sigterm_as_interrupt()  # preemption saves a checkpoint, as Ctrl-C does
@@ -651,7 +766,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 if teacher_source is not None:
                     teacher_source.seconds = 0.0
             if eval_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
-                eval_result = evaluate(model, teacher, eval_set, **eval_args)
+                eval_result = evaluate(model, teacher_for_eval, eval_set, **eval_args)
                 metrics.write({"step": step, **eval_result})
                 accelerator.log(eval_result, step=step)
                 progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {_show(v)}" for k, v in eval_result.items()))

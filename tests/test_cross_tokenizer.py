@@ -146,6 +146,11 @@ def ref_coarse(logits, ids, temperature):
     return torch.cat([shared, 1 - shared.sum(-1, keepdim=True)], -1)
 
 
+def ref_renormalized(logits, ids, temperature):
+    shared = probs(logits, temperature)[:, ids]
+    return shared / shared.sum(-1, keepdim=True)
+
+
 def test_coarsen_against_float64():
     zs, _, s_ids, _ = _pairs()
     got = coarsen(torch.log_softmax(zs.detach(), -1), s_ids).exp()
@@ -156,11 +161,14 @@ def test_coarsen_against_float64():
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_exact_match_against_float64_values_and_gradients(case, temperature):
+@pytest.mark.parametrize("mode", ["renormalized", "rest_bucket"])
+def test_exact_match_against_float64_values_and_gradients(case, temperature, mode):
     zs, zt, s_ids, t_ids = _pairs()
-    got = exact_match_divergence(zs, zt, s_ids, t_ids, divergence=case.name, temperature=temperature, **case.params)
+    got = exact_match_divergence(zs, zt, s_ids, t_ids, divergence=case.name, temperature=temperature, mode=mode,
+                                 **case.params)
     zs64 = zs.detach().double().requires_grad_()
-    q, p = ref_coarse(zs64, s_ids, temperature), ref_coarse(zt, t_ids, temperature)
+    ref = ref_coarse if mode == "rest_bucket" else ref_renormalized
+    q, p = ref(zs64, s_ids, temperature), ref(zt, t_ids, temperature)
     want = case.reference(q.log(), p.log(), **case.params)  # coarse log-probs as logits: softmax is the identity
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     (g,) = torch.autograd.grad(got.sum(), zs)
@@ -173,9 +181,18 @@ def test_identical_vocabularies_reduce_to_the_ordinary_divergence(case):
     g = torch.Generator().manual_seed(3)
     zs, zt = torch.randn(N, VS, generator=g) * 3, torch.randn(N, VS, generator=g) * 3
     ids = torch.arange(VS)
-    got = exact_match_divergence(zs, zt, ids, ids, divergence=case.name, temperature=1.5, **case.params)
     want = get_divergence(case.name)(zs, zt, temperature=1.5, **case.params)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for mode in ("renormalized", "rest_bucket"):
+        got = exact_match_divergence(zs, zt, ids, ids, divergence=case.name, temperature=1.5, mode=mode, **case.params)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rest_bucket_is_infinite_where_one_vocabulary_lies_inside_the_other_and_renormalized_is_not():
+    g = torch.Generator().manual_seed(7)
+    zs, zt = torch.randn(4, 10, generator=g), torch.randn(4, 15, generator=g)
+    s_ids, t_ids = torch.arange(10), torch.arange(10)  # every student token exists in the teacher's vocabulary
+    assert torch.isinf(exact_match_divergence(zs, zt, s_ids, t_ids, mode="rest_bucket")).all()
+    assert torch.isfinite(exact_match_divergence(zs, zt, s_ids, t_ids)).all()
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -20,17 +20,19 @@ from transformers import PreTrainedTokenizerFast
 BYTES = [f"<0x{b:02X}>" for b in range(256)]
 
 
-def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, *, pad: bool = False) -> PreTrainedTokenizerFast:
+    """``pad`` (bpe): a separate ``<pad>`` token first, so every id differs from a tokenizer without it."""
     texts = list(texts)
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        specials = ["<pad>", "<|endoftext|>"] if pad else ["<|endoftext|>"]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
+                                       pad_token=specials[0])
     if kind == "unigram":
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.Replace(" ", "\u2581")

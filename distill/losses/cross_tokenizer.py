@@ -10,11 +10,11 @@ that split the text finer). A span's first prediction on each side is conditione
 Per span, two terms (weights chosen by the caller; GOLD's hybrid uses both):
 
 - **exact-match** (``exact_match_divergence``, ``span_divergence``): on a 1:1 span, any registered
-  divergence between the two distributions coarsened onto the tokens whose byte strings exist in
-  both vocabularies (the *shared* tokens, paired) plus one bucket holding the rest of each side's
-  mass. Coarsening sums probabilities, so both sides stay normalised; with identical tokenizers
-  every token is shared, the rest buckets are empty and the value is the ordinary token-level
-  divergence. On a merged span (one side split it into several tokens) the event compared is
+  divergence between the two distributions over the tokens whose byte strings exist in both
+  vocabularies (the *shared* tokens, paired), renormalised over them (default), or with one bucket
+  for the rest of each side's mass (``mode="rest_bucket"``: infinite KL where one vocabulary lies
+  inside the other, whose bucket is then empty). With identical tokenizers every token is shared
+  and either is the ordinary token-level divergence. On a merged span (one side split it into several tokens) the event compared is
   "the next text is this span": the side that split assigns it the product of its merged tokens'
   probabilities, each conditioned on the text before the span and on its own earlier tokens of
   the span (teacher forcing on its own tokenization); the side with one token, that token's
@@ -246,16 +246,33 @@ def coarsen(log_probs: Tensor, ids: Tensor) -> Tensor:
     return torch.cat([log_probs.index_select(-1, ids), rest], dim=-1)  # (N, S+1)
 
 
+EXACT_MODES = ("renormalized", "rest_bucket")
+
+
 def exact_match_divergence(student_logits: Tensor, teacher_logits: Tensor, student_ids: Tensor, teacher_ids: Tensor,
-                           *, divergence: str = "forward_kl", temperature: float = 1.0, **divergence_kwargs: float) -> Tensor:
+                           *, divergence: str = "forward_kl", temperature: float = 1.0, mode: str = "renormalized",
+                           **divergence_kwargs: float) -> Tensor:
     """``divergence`` between teacher and student on the shared tokens (paired ``teacher_ids[k]`` <->
-    ``student_ids[k]``) plus one rest bucket per side, both at temperature τ.
+    ``student_ids[k]``), both at temperature τ.
+
+    ``mode`` "renormalized": each side's distribution restricted to the shared tokens and renormalised
+    (always finite). "rest_bucket": the shared tokens plus one bucket with the rest of each side's mass
+    (no renormalisation); the two rest buckets stand for different text, and where one side's
+    vocabulary lies inside the other's its bucket is empty and KL to it is infinite. With identical
+    vocabularies both modes are the ordinary divergence.
 
     Shapes:
         student_logits: (N, V_s);  teacher_logits: (N, V_t);  *_ids: (S,);  returns: (N,) float32
     """
-    log_q = coarsen(torch.log_softmax(student_logits.float() / temperature, -1), student_ids)  # (N, S+1)
-    log_p = coarsen(torch.log_softmax(teacher_logits.float() / temperature, -1), teacher_ids)  # (N, S+1)
+    if mode not in EXACT_MODES:
+        raise ValueError(f"mode must be one of {EXACT_MODES}, got {mode!r}")
+    log_q = torch.log_softmax(student_logits.float() / temperature, -1)  # (N, V_s)
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, -1)  # (N, V_t)
+    if mode == "rest_bucket":
+        log_q, log_p = coarsen(log_q, student_ids), coarsen(log_p, teacher_ids)  # (N, S+1)
+    else:
+        log_q, log_p = log_q.index_select(-1, student_ids), log_p.index_select(-1, teacher_ids)  # (N, S)
+    # The divergence normalises its inputs itself (log_softmax): renormalised over S, or already whole.
     return get_divergence(divergence)(log_q, log_p, temperature=1.0, **divergence_kwargs)
 
 
@@ -301,3 +318,44 @@ def uld_distance(student_logits: Tensor, teacher_logits: Tensor, *, temperature:
     q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
     p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
     return (p - q).abs().sum(-1)
+
+
+ULD_TOKENS = ("auto", "all", "unmatched")
+
+
+def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, student_span_logprob: Tensor,
+                               teacher_span_logprob: Tensor, single: Tensor, student_ids: Tensor, teacher_ids: Tensor,
+                               *, divergence: str = "forward_kl", temperature: float = 1.0, exact_weight: float = 1.0,
+                               uld_weight: float = 1.0, uld_tokens: str = "auto", exact_mode: str = "renormalized",
+                               **divergence_kwargs: float) -> tuple[Tensor, Tensor]:
+    """(exact-match, ULD) per aligned span, unweighted; the caller sums ``exact_weight·exact + uld_weight·uld``.
+
+    exact: on 1:1 spans (``single``) ``exact_match_divergence`` (``exact_mode``); on merged
+    spans ``span_divergence`` of the span log-probabilities (each side's sum over its tokens of the
+    span, at τ). A term whose weight is 0 is returned as zeros and costs nothing.
+    uld: ``uld_distance`` at the spans' first predictions; ``uld_tokens`` "all" uses every token,
+    "unmatched" leaves out the shared ones, "auto" is "unmatched" when ``exact_weight > 0``.
+
+    Shapes:
+        student_logits: (N, V_s);  teacher_logits: (N, V_t);  *_span_logprob, single: (N,);
+        *_ids: (S,) paired shared ids;  returns: two (N,) float32
+    """
+    if uld_tokens not in ULD_TOKENS:
+        raise ValueError(f"uld_tokens must be one of {ULD_TOKENS}, got {uld_tokens!r}")
+    n = student_logits.shape[0]
+    exact = student_logits.new_zeros(n, dtype=torch.float32)
+    uld = student_logits.new_zeros(n, dtype=torch.float32)
+    if exact_weight != 0 and n:
+        ones = single.nonzero().squeeze(-1)
+        many = (~single).nonzero().squeeze(-1)
+        exact = exact.index_put((ones,), exact_match_divergence(
+            student_logits[ones], teacher_logits[ones], student_ids, teacher_ids, divergence=divergence,
+            temperature=temperature, mode=exact_mode, **divergence_kwargs))
+        exact = exact.index_put((many,), span_divergence(
+            student_span_logprob[many], teacher_span_logprob[many], divergence=divergence, **divergence_kwargs))
+    if uld_weight != 0 and n:
+        unmatched = uld_tokens == "unmatched" or (uld_tokens == "auto" and exact_weight != 0)
+        uld = uld_distance(student_logits, teacher_logits, temperature=temperature,
+                           student_exclude=student_ids if unmatched else None,
+                           teacher_exclude=teacher_ids if unmatched else None)
+    return exact, uld

@@ -56,5 +56,6 @@ def check_tokenizers_compatible(student_tokenizer: Any, teacher_tokenizer: Any) 
             f"student and teacher tokenizers differ on {len(mismatched)} of the {shared} shared token ids "
             f"(first: id {first} is {student_tokens.get(first)!r} for the student, "
             f"{teacher_tokens.get(first)!r} for the teacher). White-box distillation compares logits id by id "
-            "and needs the same vocabulary; for models with different tokenizers use cross-tokenizer mode."
+            "and needs the same vocabulary; for models with different tokenizers use cross-tokenizer mode "
+            "(loss.cross_tokenizer: {exact_weight: 1, uld_weight: 1})."
         )

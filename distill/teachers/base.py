@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from distill.losses import SparseTargets
 
-WANTS = ("logits", "hidden", "token_logprobs")
+WANTS = ("logits", "hidden", "token_logprobs", "aligned")
 
 
 def finite(x: Tensor) -> Tensor:
@@ -27,6 +27,8 @@ class TeacherSignal:
       the LM head, for the loss that fuses the head and never holds all logits.
     - ``targets``: sparse top-k / sampled targets (a cache's), one row per position.
     - ``token_logprobs`` (N,): log p(token) of the given next tokens, at temperature 1.
+    - ``aligned``: a teacher with another tokenizer, at the spans aligned with the student's tokens
+      (``distill.teachers.cross.AlignedSignal``).
 
     ``ok`` is a 0-dim bool tensor (no host sync): the signal holds no NaN or +inf.
     """
@@ -38,6 +40,7 @@ class TeacherSignal:
     bias: Optional[Tensor] = None
     targets: Optional[SparseTargets] = None
     token_logprobs: Optional[Tensor] = None
+    aligned: Optional[Any] = None  # teachers.cross.AlignedSignal: a teacher with another tokenizer
 
     def chunked_kwargs(self) -> dict:
         """The teacher arguments of ``chunked_kd_loss`` for this signal."""

@@ -1,0 +1,241 @@
+"""A live teacher with its own tokenizer: each student row's text re-tokenized for the teacher and
+aligned with the student's tokens by byte offsets (``distill.losses.cross_tokenizer``).
+
+The text of a student row is the bytes its tokens stand for (``token_bytes``: exact for byte-level
+BPE and SentencePiece-style tokenizers, so the student's ids are never re-derived from a decode).
+Special tokens split a row into segments: a student EOS becomes the teacher's EOS (the pair is in
+the shared vocabulary), a leading BOS is the student's first predictor, and the teacher gets its own
+BOS when its tokenizer adds one. Each segment's text is tokenized by the teacher with offsets, and
+the spans between common byte boundaries are the aligned positions. A span is trained on when all
+its student tokens are supervised and both sides have a token before it to predict it from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from distill.build import has_plain_lm_head
+from distill.errors import UserError
+from distill.losses import chunk_slices, slice_vocab
+from distill.losses.cross_tokenizer import (AlignmentError, _decoder_kinds, align_spans, byte_ends, shared_token_ids,
+                                            token_bytes)
+from distill.losses.policy import token_logprobs
+from distill.teachers.base import TeacherSignal, finite
+
+
+@dataclass
+class BatchAlignment:
+    """Aligned spans of a student micro-batch and its teacher re-tokenization (N spans, trained ones only).
+
+    Flat indices address positions of the (B, T) student and (B, T_t) teacher batches, row-major;
+    position ``i`` predicts token ``i + 1``.
+
+    teacher_inputs: ``input_ids`` and ``attention_mask`` (B, T_t), right-padded.
+    s_first, t_first: (N,) the position whose prediction is the span's first token, each side.
+    single: (N,) one token on each side.
+    s_pos, s_tok, s_span: (M_s,) for every student token of a merged span: the position predicting
+        it, the token, and the span's index (for the product of its probabilities); t_* likewise.
+    span_tokens: (N,) number of student tokens in each span.
+    """
+
+    teacher_inputs: dict
+    s_first: Tensor
+    t_first: Tensor
+    single: Tensor
+    s_pos: Tensor
+    s_tok: Tensor
+    s_span: Tensor
+    t_pos: Tensor
+    t_tok: Tensor
+    t_span: Tensor
+    span_tokens: Tensor
+
+    @property
+    def num_spans(self) -> int:
+        return int(self.s_first.numel())
+
+
+def lossless(tokenizer, role: str) -> None:
+    """Refuse a tokenizer whose tokens do not spell out the text (WordPiece drops whitespace)."""
+    kinds = _decoder_kinds(tokenizer)
+    if "WordPiece" in kinds and "ByteLevel" not in kinds:
+        raise AlignmentError(f"the {role} tokenizer is WordPiece, which drops the whitespace between words: the text "
+                             "of a row cannot be recovered from its tokens for the other tokenizer to read")
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (e.g. BOS), from its own post-processor."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k:k + len(plain)] == plain:
+            return list(with_special[:k])
+    return []
+
+
+class Aligner:
+    """Re-tokenizes student rows for the teacher and aligns them (plain Python, on the CPU)."""
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        lossless(student_tokenizer, "student")
+        lossless(teacher_tokenizer, "teacher")
+        byte_ends(teacher_tokenizer, "check")  # refuses a tokenizer without offsets, with one line
+        self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.student_bytes = token_bytes(student_tokenizer)
+        self.teacher_ids, self.student_ids = shared_token_ids(teacher_tokenizer, student_tokenizer)
+        self.teacher_prefix = _special_prefix(teacher_tokenizer)
+        self.teacher_eos = teacher_tokenizer.eos_token_id
+        self.student_eos = student_tokenizer.eos_token_id
+        self.teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else (
+            self.teacher_eos if self.teacher_eos is not None else 0)
+
+    def row(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+        """(teacher ids, spans as (t0, t1, s0, s1) row indices) for one unpadded student row."""
+        teacher: list[int] = list(self.teacher_prefix)
+        spans: list[tuple[int, int, int, int]] = []
+        i = 0
+        while i < len(ids):
+            if self.student_bytes[ids[i]] is None:  # a special token
+                if ids[i] == self.student_eos and self.teacher_eos is not None and i > 0:
+                    prev_aligned = (spans and spans[-1][1] == len(teacher) and spans[-1][3] == i)
+                    if prev_aligned:
+                        spans.append((len(teacher), len(teacher) + 1, i, i + 1))
+                    teacher.append(self.teacher_eos)
+                i += 1
+                continue
+            j = i
+            while j < len(ids) and self.student_bytes[ids[j]] is not None:
+                j += 1
+            s_ends, total = [], 0
+            for k in range(i, j):
+                total += len(self.student_bytes[ids[k]])
+                s_ends.append(total)
+            data = b"".join(self.student_bytes[k] for k in ids[i:j])
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as error:  # a row cut inside a character: align the valid prefix
+                text = data[:error.start].decode("utf-8")
+            t_ids, t_ends = byte_ends(self.teacher_tokenizer, text)
+            base = len(teacher)
+            for span in align_spans(t_ends, s_ends):
+                spans.append((base + span.t0, base + span.t1, i + span.s0, i + span.s1))
+            teacher.extend(t_ids)
+            i = j
+        return teacher, spans
+
+    def batch(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> BatchAlignment:
+        """The alignment of a student micro-batch; ``mask`` (B, T−1): position t predicts token t+1 and is
+        supervised. Spans that are not fully supervised, or have no earlier token on a side, are left out."""
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1).tolist()
+        ids_rows = input_ids.tolist()
+        sup = mask.tolist()
+        rows = [self.row(ids_rows[b][:lengths[b]]) for b in range(B)]
+        T_t = max([len(t) for t, _ in rows] + [1])
+        t_input = torch.full((B, T_t), self.teacher_pad, dtype=torch.long)
+        t_attn = torch.zeros((B, T_t), dtype=torch.long)
+        s_first, t_first, single, counts = [], [], [], []
+        merged = {"s_pos": [], "s_tok": [], "s_span": [], "t_pos": [], "t_tok": [], "t_span": []}
+        for b, (t_ids, spans) in enumerate(rows):
+            if t_ids:
+                t_input[b, :len(t_ids)] = torch.tensor(t_ids)
+                t_attn[b, :len(t_ids)] = 1
+            for t0, t1, s0, s1 in spans:
+                if t0 < 1 or s0 < 1 or not all(sup[b][j - 1] for j in range(s0, s1)):
+                    continue
+                n = len(s_first)
+                s_first.append(b * T + s0 - 1)
+                t_first.append(b * T_t + t0 - 1)
+                single.append(t1 - t0 == 1 and s1 - s0 == 1)
+                counts.append(s1 - s0)
+                if not single[-1]:
+                    for j in range(s0, s1):
+                        merged["s_pos"].append(b * T + j - 1)
+                        merged["s_tok"].append(ids_rows[b][j])
+                        merged["s_span"].append(n)
+                    for j in range(t0, t1):
+                        merged["t_pos"].append(b * T_t + j - 1)
+                        merged["t_tok"].append(t_ids[j])
+                        merged["t_span"].append(n)
+        device = input_ids.device
+        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return BatchAlignment(
+            teacher_inputs=dict(input_ids=t_input.to(device), attention_mask=t_attn.to(device)),
+            s_first=long(s_first), t_first=long(t_first), single=torch.tensor(single, dtype=torch.bool, device=device),
+            span_tokens=long(counts), **{k: long(v) for k, v in merged.items()})
+
+
+@dataclass
+class AlignedSignal:
+    """The teacher at the aligned spans of a micro-batch, at temperature τ.
+
+    logits: (N, V_t) next-token logits at each span's first prediction (raw, not tempered).
+    span_logprob: (N,) log-probability of each span's text (sum over its teacher tokens at τ; 0 for 1:1 spans).
+    alignment: the index tensors, for the student side.
+    """
+
+    logits: Tensor
+    span_logprob: Tensor
+    alignment: BatchAlignment
+
+
+class CrossTokenizerTeacher:
+    """A frozen causal LM with its own tokenizer. ``signal(..., want="aligned")`` aligns the batch and
+    answers at the aligned spans; every answer runs under ``no_grad``."""
+
+    def __init__(self, model: nn.Module, aligner: Aligner, vocab_size: int, *, temperature: float = 1.0,
+                 chunk_size: int = 1024):
+        self.model, self.aligner, self.vocab_size = model, aligner, vocab_size
+        self.temperature, self.chunk_size = temperature, chunk_size
+        self.seconds = 0.0  # teacher forward
+        self.align_seconds = 0.0  # re-tokenization and alignment (CPU)
+
+    def _answer(self, a: BatchAlignment) -> tuple[Tensor, Tensor]:
+        """(logits at the spans' first predictions (N, V_t), tempered log-probs of merged spans' tokens (M_t,)):
+        the LM head only on those rows, a chunk at a time, when the head is a plain linear layer."""
+        if has_plain_lm_head(self.model):
+            hidden = self.model.base_model(**a.teacher_inputs).last_hidden_state.flatten(0, 1)  # (B*T_t, d_t)
+            head = self.model.get_output_embeddings()
+            rows_of = lambda index: slice_vocab(head(hidden[index]), self.vocab_size)  # noqa: E731
+        else:  # soft-capped or scaled logits
+            logits = self.model(**a.teacher_inputs).logits.flatten(0, 1)  # (B*T_t, V_t)
+            rows_of = lambda index: slice_vocab(logits[index], self.vocab_size)  # noqa: E731
+        first = rows_of(a.t_first)  # (N, V_t)
+        lp = torch.cat([token_logprobs(rows_of(a.t_pos[r]).float() / self.temperature, a.t_tok[r])
+                        for r in chunk_slices(a.t_pos.numel(), self.chunk_size)]
+                       or [first.new_zeros(0, dtype=torch.float32)])  # (M_t,)
+        return first, lp
+
+    @torch.no_grad()
+    def signal(self, inputs: dict, mask: Tensor, examples: Optional[Sequence[int]] = None, *, want: str = "aligned",
+               tokens: Optional[Tensor] = None) -> TeacherSignal:
+        if want != "aligned":
+            raise ValueError("a teacher with another tokenizer answers only at aligned spans (want='aligned')")
+        tic = time.perf_counter()
+        a = self.aligner.batch(inputs["input_ids"], inputs["attention_mask"], mask)
+        self.align_seconds += time.perf_counter() - tic
+        tic = time.perf_counter()
+        try:
+            first, lp = self._answer(a)
+            span_lp = torch.zeros(a.num_spans, dtype=torch.float32, device=first.device).index_add_(0, a.t_span, lp)
+            ok = finite(first) & finite(lp)
+            return TeacherSignal(ok=ok, aligned=AlignedSignal(logits=first, span_logprob=span_lp, alignment=a))
+        finally:
+            if mask.device.type == "cuda":
+                torch.cuda.synchronize(mask.device)
+            self.seconds += time.perf_counter() - tic
+
+
+def check_pair(student_tokenizer, teacher_tokenizer) -> None:
+    """Refuse a pair that cannot be aligned, before any weights load (one line each)."""
+    try:
+        Aligner(teacher_tokenizer, student_tokenizer)
+    except AlignmentError:
+        raise
+    except Exception as error:  # pragma: no cover - a tokenizer that breaks in an unexpected way
+        raise UserError(f"cannot align the student and teacher tokenizers: {error}") from None

@@ -1,0 +1,117 @@
+"""`distill train` with a teacher on another tokenizer (loss.cross_tokenizer), end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.toy import write_prompt_completion, write_text
+from tests.conftest import write_config
+from tests.helpers import read_metrics, run_cli
+from tests.tokenizer_zoo import train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+STUDENT = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two byte-level BPE tokenizers of the toy text (300 and 258 tokens: the byte alphabet and one merge,
+    so the second splits words into bytes; its <pad> token shifts every id),
+    a WordPiece one, and a teacher trained on the first by `distill train`."""
+    root = tmp_path_factory.mktemp("xtok")
+    write_text(root / "train.jsonl", 300, seed=0)
+    write_text(root / "eval.jsonl", 24, seed=1)
+    write_prompt_completion(root / "pc_train.jsonl", 48, seed=2)
+    write_prompt_completion(root / "pc_eval.jsonl", 8, seed=3)
+    texts = [json.loads(line)["text"] for line in (root / "train.jsonl").read_text().splitlines()]
+    for name, kind, size in (("tok_a", "bpe", 300), ("tok_b", "bpe", 120), ("tok_wp", "wordpiece", 120)):
+        train_tokenizer(texts, kind, size, pad=name == "tok_b").save_pretrained(root / name)
+    config = {"student": {"config": {**STUDENT, "hidden_size": 48, "num_hidden_layers": 2},
+                          "tokenizer": str(root / "tok_a")},
+              "data": {"train": str(root / "train.jsonl"), "max_length": 64},
+              "loss": {"kd_weight": 0.0, "ce_weight": 1.0},
+              "train": {"max_steps": 60, "batch_size": 16, "lr": 3e-3, "tracker": "none", "progress": False,
+                        "output_dir": str(root / "teacher")}}
+    result = run_cli("train", str(write_config(root / "teacher.yaml", config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def run(root, name, *, tokenizer="tok_b", loss=None, train=None, data=None):
+    config = {"teacher": {"model": str(root / "teacher" / "student")},
+              "student": {"config": STUDENT, "tokenizer": str(root / tokenizer)},
+              "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 64,
+                       **(data or {})},
+              "loss": {"kd_weight": 1.0, "ce_weight": 0.0, **(loss or {})},
+              "train": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "tracker": "none", "progress": False,
+                        "eval_every": 30, "eval_at_start": True, "output_dir": str(root / name), **(train or {})}}
+    result = run_cli("train", str(write_config(root / f"{name}.yaml", config)))
+    return result, root / name
+
+
+def evals(run_dir):
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if "eval/ce" in m]
+
+
+def test_identical_tokenizers_give_the_ordinary_token_level_run(pair):
+    """The cross-tokenizer objective (exact-match part only) with the teacher's own tokenizer is the
+    ordinary divergence at every position: same parameters after a few SGD steps."""
+    common = dict(tokenizer="tok_a", data={"train": str(pair / "pc_train.jsonl"), "eval": str(pair / "pc_eval.jsonl"),
+                                          "format": "prompt_completion"},
+                  train={"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "schedule": "constant", "max_grad_norm": 0.0,
+                         "eval_at_start": False})
+    loss = {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "ce_weight": 0.5, "chunk_size": 0}
+    ok_plain, plain = run(pair, "same_plain", loss=loss, **common)
+    ok_cross, cross = run(pair, "same_cross", loss={**loss, "cross_tokenizer": {"exact_weight": 1.0, "uld_weight": 0.0}},
+                          **common)
+    assert ok_plain.returncode == 0 and ok_cross.returncode == 0, ok_cross.stderr[-3000:]
+    a, b = load_file(str(plain / "student" / "model.safetensors")), load_file(str(cross / "student" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    la = [m for m in read_metrics(plain / "metrics.jsonl") if "loss" in m][-1]
+    lb = [m for m in read_metrics(cross / "metrics.jsonl") if "loss" in m][-1]
+    assert la["kd"] == pytest.approx(lb["kd"], rel=1e-5) and la["ce"] == pytest.approx(lb["ce"], rel=1e-5)
+    # Every supervised token is an aligned span, and eval agrees with the id-by-id numbers.
+    final = evals(cross)[-1]
+    assert final["eval/aligned_token_share"] == pytest.approx(1.0)
+
+
+def test_a_student_on_another_tokenizer_learns_the_teacher(pair):
+    """Hybrid (exact-match + ULD) lowers the aligned KL to the teacher, well below CE alone."""
+    # kd_weight 0 with the mode set: CE alone, the teacher only evaluated against on the aligned spans
+    longer = {"max_steps": 60, "lr": 1e-2, "eval_every": 60}
+    ok, ce_only = run(pair, "b_ce", loss={"kd_weight": 0.0, "ce_weight": 1.0, "cross_tokenizer": {}}, train=longer)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    ok, hybrid = run(pair, "b_hybrid", loss={"cross_tokenizer": {"exact_weight": 1.0, "uld_weight": 1.0}}, train=longer)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    first, last = evals(hybrid)[0], evals(hybrid)[-1]
+    assert 0.5 < last["eval/aligned_token_share"] <= 1.0
+    assert last["eval/aligned_forward_kl"] < 0.6 * first["eval/aligned_forward_kl"]
+    assert last["eval/aligned_top1_agreement"] > first["eval/aligned_top1_agreement"] + 0.1
+    assert last["eval/aligned_forward_kl"] < 0.7 * evals(ce_only)[-1]["eval/aligned_forward_kl"]
+    logs = [m for m in read_metrics(hybrid / "metrics.jsonl") if "loss" in m]
+    assert logs[-1]["kd"] < logs[0]["kd"]
+    ok, uld = run(pair, "b_uld", loss={"cross_tokenizer": {"exact_weight": 0.0, "uld_weight": 1.0}}, train=longer)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert evals(uld)[-1]["eval/aligned_uld"] < evals(uld)[0]["eval/aligned_uld"]
+
+
+def test_refusals_are_one_line(pair):
+    result, _ = run(pair, "refuse_mismatch")  # another tokenizer, no cross-tokenizer mode
+    assert result.returncode == 2 and "loss.cross_tokenizer" in result.stderr and "Traceback" not in result.stderr
+    result, _ = run(pair, "refuse_wp", tokenizer="tok_wp", loss={"cross_tokenizer": {}})
+    assert result.returncode == 2 and "WordPiece" in result.stderr and "Traceback" not in result.stderr
+    config = {"teacher": {"model": str(pair / "teacher" / "student"), "source": "cache"},
+              "cache": {"dir": str(pair / "no-cache")},
+              "student": {"config": STUDENT, "tokenizer": str(pair / "tok_b")},
+              "data": {"train": str(pair / "train.jsonl")},
+              "loss": {"cross_tokenizer": {"uld_weight": 0.5}},
+              "train": {"output_dir": str(pair / "refuse_cache")}}
+    result = run_cli("train", str(write_config(pair / "refuse_cache.yaml", config)))
+    assert result.returncode == 2 and "top-k cache" in result.stderr and "Traceback" not in result.stderr
