@@ -101,6 +101,7 @@ class CrossTokenizerConfig:
     uld_weight: float = 1.0
     uld_tokens: Literal["auto", "all", "unmatched"] = "auto"  # auto: unmatched (the non-shared tokens) when exact_weight > 0
     exact_mode: Literal["renormalized", "rest_bucket"] = "renormalized"  # shared tokens renormalised, or + a rest bucket per side
+    uld_top_k: int = 0  # 0: ULD sorts every probability (exact); k: the k largest per side + |tail mass difference| (a lower bound, faster)
 
 
 @dataclass
@@ -407,6 +408,7 @@ def validate(c: Config) -> None:
     if x is not None:
         _check(x.exact_weight >= 0 and x.uld_weight >= 0 and x.exact_weight + x.uld_weight > 0,
                "loss.cross_tokenizer: exact_weight and uld_weight must be >= 0 and not both 0")
+        _check(x.uld_top_k >= 0, "loss.cross_tokenizer.uld_top_k must be >= 0 (0: exact ULD)")
         _check(not from_cache, "loss.cross_tokenizer needs the live teacher (teacher.source=live): a top-k cache holds "
                                "the teacher's targets on its own tokenizer's positions and cannot be re-aligned")
         _check(not sampled, "loss.cross_tokenizer does not support sampled_reverse_kl (it needs the teacher's "

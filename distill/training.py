@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
@@ -195,18 +196,27 @@ def cross_tokenizer_micro_batch(hidden: Tensor, head: nn.Module, tokens: Tensor,
                                  vocab_size=s.vocab_size, chunk_size=chunk).sum()
     kd = ce.new_zeros(())
     if signal is not None:
-        a = signal.aligned.alignment
-        logits = slice_vocab(head(flat[a.s_first]), s.vocab_size)  # (N, V_s): only the spans' first predictions
+        t = signal.aligned
+        a = t.alignment
         scale = 1.0 / s.temperature
         lp = chunked_token_logprobs(flat[a.s_pos] * scale, head.weight, a.s_tok, bias=None if head.bias is None
                                     else head.bias * scale, vocab_size=s.vocab_size, chunk_size=chunk)  # (M_s,) at τ
         span_lp = lp.new_zeros(a.num_spans).index_add(0, a.s_span, lp)  # (N,)
-        exact, uld = cross_tokenizer_divergence(
-            logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob, a.single, s.cross["student_ids"],
-            s.cross["teacher_ids"], divergence=s.divergence, temperature=s.temperature,
-            exact_weight=s.cross["exact_weight"], uld_weight=s.cross["uld_weight"],
-            uld_tokens=s.cross["uld_tokens"], exact_mode=s.cross["exact_mode"], **s.divergence_kwargs)
-        kd = s.cross["exact_weight"] * exact.sum() + s.cross["uld_weight"] * uld.sum()
+        x = s.cross
+
+        def spans(h: Tensor, s_lp: Tensor, rows: slice) -> Tensor:  # one chunk of spans; recomputed in backward
+            logits = slice_vocab(head(h), s.vocab_size)  # (n, V_s): the spans' first predictions
+            with torch.no_grad():
+                t_logits = t.logits(rows)  # (n, V_t)
+            exact, uld = cross_tokenizer_divergence(
+                logits, t_logits, s_lp, t.span_logprob[rows], a.single[rows], x["student_ids"], x["teacher_ids"],
+                divergence=s.divergence, temperature=s.temperature, exact_weight=x["exact_weight"],
+                uld_weight=x["uld_weight"], uld_tokens=x["uld_tokens"], exact_mode=x["exact_mode"],
+                uld_top_k=x["uld_top_k"], **s.divergence_kwargs)
+            return x["exact_weight"] * exact.sum() + x["uld_weight"] * uld.sum()
+
+        for rows in chunk_slices(a.num_spans, chunk):
+            kd = kd + checkpoint(spans, flat[a.s_first[rows]], span_lp[rows], rows, use_reentrant=False)
     loss = ce.new_zeros(())
     if s.kd_weight:
         loss = loss + s.kd_weight * tau2_scale(s.temperature, s.scale_by_tau2) * kd
@@ -301,14 +311,15 @@ def aligned_fidelity(student: nn.Module, teacher: CrossTokenizerTeacher, dataset
                 signal = teacher.signal(inputs, mask, want="aligned")
                 hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state.flatten(0, 1)
             a = signal.aligned.alignment
+            t_logits = signal.aligned.logits().float()  # (N, V_t)
             logits = slice_vocab(head(hidden[a.s_first]), s.vocab_size).float()  # (N, V_s)
             lp = token_logprobs(slice_vocab(head(hidden[a.s_pos]), s.vocab_size), a.s_tok)
             span_lp = lp.new_zeros(a.num_spans).index_add(0, a.s_span, lp)
-            kl, _ = cross_tokenizer_divergence(logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob,
+            kl, _ = cross_tokenizer_divergence(logits, t_logits, span_lp, signal.aligned.span_logprob,
                                                a.single, s_ids, t_ids, divergence="forward_kl", uld_weight=0.0)
-            _, uld = cross_tokenizer_divergence(logits, signal.aligned.logits, span_lp, signal.aligned.span_logprob,
+            _, uld = cross_tokenizer_divergence(logits, t_logits, span_lp, signal.aligned.span_logprob,
                                                 a.single, s_ids, t_ids, exact_weight=0.0, uld_tokens="all")
-            agree = (to_teacher[logits.argmax(-1)] == signal.aligned.logits.argmax(-1)) & a.single
+            agree = (to_teacher[logits.argmax(-1)] == t_logits.argmax(-1)) & a.single
             sums += torch.stack([kl.double().sum(), uld.double().sum(), agree.double().sum(),
                                  torch.tensor(float(a.num_spans), device=sums.device), a.single.double().sum(),
                                  a.span_tokens.double().sum()])
@@ -566,7 +577,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         discount=L.discount or 0.0,
         cross=None if cross is None else dict(
             exact_weight=cross.exact_weight, uld_weight=cross.uld_weight, uld_tokens=cross.uld_tokens,
-            exact_mode=cross.exact_mode,
+            exact_mode=cross.exact_mode, uld_top_k=cross.uld_top_k,
             teacher_ids=torch.tensor(aligner.teacher_ids), student_ids=torch.tensor(aligner.student_ids)))
 
     # Data, tokenized once and cached.
@@ -754,8 +765,12 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                     record["time/generated_tokens_per_s"] = (state["window_generated"] / world / timing["generation"]
                                                              if timing["generation"] else None)
                 teacher_s = teacher_source.seconds if teacher_source is not None else 0.0
+                align_s = getattr(teacher_source, "align_seconds", 0.0)  # cross-tokenizer: re-tokenize + align (CPU)
+                if isinstance(teacher_source, CrossTokenizerTeacher):
+                    record["time/align_s"], teacher_source.align_seconds = align_s, 0.0
                 record.update({"time/wall_s": elapsed, "time/generation_s": timing["generation"],
-                               "time/teacher_s": teacher_s, "time/student_s": max(0.0, timing["step"] - teacher_s)})
+                               "time/teacher_s": teacher_s,
+                               "time/student_s": max(0.0, timing["step"] - teacher_s - align_s)})
                 metrics.write(record)
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=_show(record["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")

@@ -130,3 +130,26 @@ def test_on_policy_settings_that_are_valid():
     # Sequence-level KD alone (Kim & Rush): plain CE on the teacher's samples is a valid objective.
     c = load_config(MINIMAL, ["generation.seq_kd=true", "loss.kd_weight=0", "loss.ce_weight=1"])
     assert c.generation.seq_kd and c.generation.lmbda == 0
+
+
+CROSS = {**MINIMAL, "student": {"config": {"model_type": "llama"}, "tokenizer": "other-tok"},
+         "loss": {"cross_tokenizer": {}}}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["loss.cross_tokenizer.exact_weight=0", "loss.cross_tokenizer.uld_weight=0"], "not both 0"),
+    (["loss.cross_tokenizer.uld_weight=-1"], "must be >= 0"),
+    (["teacher.source=cache", "cache.dir=c"], "top-k cache"),
+    (["loss.divergence=sampled_reverse_kl", "generation.lmbda=1"], "sampled_reverse_kl"),
+    (["generation.seq_kd=true"], "seq_kd"),
+    (["loss.cross_tokenizer.uld_tokens=some"], "uld_tokens"),
+])
+def test_cross_tokenizer_settings_are_checked(override, message):
+    assert load_config(CROSS).loss.cross_tokenizer.exact_mode == "renormalized"
+    with pytest.raises(ConfigError, match=message):
+        load_config(CROSS, override)
+
+
+def test_cross_tokenizer_refuses_teacher_layer_init():
+    with pytest.raises(ConfigError, match="embeddings"):
+        load_config({**CROSS, "student": {"init_from_teacher_layers": [0], "tokenizer": "t"}})

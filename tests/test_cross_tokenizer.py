@@ -251,3 +251,16 @@ def test_uld_is_zero_for_a_permuted_vocabulary_and_positive_otherwise():
     padded = torch.cat([z[:, perm], torch.full((5, 7), -float("inf"))], -1)  # a larger vocabulary, unused rows
     assert uld_distance(z, padded).abs().max() < 1e-6
     assert (uld_distance(z, torch.randn(5, 40, generator=g)) > 1e-3).all()
+
+
+def test_uld_top_k_is_exact_at_full_width_and_a_close_lower_bound_below():
+    zs, zt, s_ids, t_ids = _pairs(seed=8)
+    exact = uld_distance(zs, zt, temperature=1.3)
+    torch.testing.assert_close(uld_distance(zs, zt, temperature=1.3, top_k=max(VS, VT)), exact)
+    for k in (1, 5, 20):
+        approx = uld_distance(zs, zt, temperature=1.3, top_k=k)
+        p_tail = 1 - probs(zt, 1.3).sort(-1, descending=True).values[:, :k].sum(-1)
+        q_tail = 1 - probs(zs.detach(), 1.3).sort(-1, descending=True).values[:, :k].sum(-1)
+        assert (approx <= exact + 1e-6).all()
+        assert (exact - approx <= 2 * torch.minimum(p_tail, q_tail).float() + 1e-6).all()
+        approx.sum().backward()  # differentiable

@@ -299,25 +299,34 @@ def span_divergence(student_span_logprob: Tensor, teacher_span_logprob: Tensor, 
 
 
 def uld_distance(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-                 student_exclude: Tensor | None = None, teacher_exclude: Tensor | None = None) -> Tensor:
+                 student_exclude: Tensor | None = None, teacher_exclude: Tensor | None = None,
+                 top_k: int = 0) -> Tensor:
     """ULD: Σ_i |p_(i) − q_(i)| over the probabilities of each side sorted in decreasing order, the
     shorter vector zero-padded. ``*_exclude`` (ids) are left out of that side's vector (the hybrid
     leaves out the shared tokens, which the exact-match term compares id by id).
 
+    ``top_k`` > 0: only the k largest probabilities of each side are sorted (``topk``, several times
+    cheaper than a full sort of a large vocabulary) and the rest contribute |tail_p − tail_q|, the
+    difference of the remaining masses: a lower bound of the exact value, short of it by at most
+    2·min(tail_p, tail_q). ``top_k`` = 0 (or ≥ both vocabularies) is exact.
+
     Shapes:
         student_logits: (N, V_s);  teacher_logits: (N, V_t);  returns: (N,) float32
     """
-    def sorted_probs(logits: Tensor, exclude: Tensor | None) -> Tensor:
+    def largest(logits: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
         p = torch.softmax(logits.float() / temperature, -1)  # (N, V)
         if exclude is not None and exclude.numel():
             p = p.index_fill(-1, exclude, 0.0)
-        return p.sort(dim=-1, descending=True).values
+        if 0 < top_k < p.shape[-1]:
+            values = p.topk(top_k, dim=-1).values  # (N, k), decreasing
+            return values, (p.sum(-1) - values.sum(-1)).clamp_min(0.0)  # the mass left out
+        return p.sort(dim=-1, descending=True).values, p.new_zeros(p.shape[0])
 
-    q, p = sorted_probs(student_logits, student_exclude), sorted_probs(teacher_logits, teacher_exclude)
+    (q, q_tail), (p, p_tail) = largest(student_logits, student_exclude), largest(teacher_logits, teacher_exclude)
     width = max(q.shape[-1], p.shape[-1])
     q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
     p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-    return (p - q).abs().sum(-1)
+    return (p - q).abs().sum(-1) + (p_tail - q_tail).abs()
 
 
 ULD_TOKENS = ("auto", "all", "unmatched")
@@ -327,14 +336,15 @@ def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, s
                                teacher_span_logprob: Tensor, single: Tensor, student_ids: Tensor, teacher_ids: Tensor,
                                *, divergence: str = "forward_kl", temperature: float = 1.0, exact_weight: float = 1.0,
                                uld_weight: float = 1.0, uld_tokens: str = "auto", exact_mode: str = "renormalized",
-                               **divergence_kwargs: float) -> tuple[Tensor, Tensor]:
+                               uld_top_k: int = 0, **divergence_kwargs: float) -> tuple[Tensor, Tensor]:
     """(exact-match, ULD) per aligned span, unweighted; the caller sums ``exact_weight·exact + uld_weight·uld``.
 
     exact: on 1:1 spans (``single``) ``exact_match_divergence`` (``exact_mode``); on merged
     spans ``span_divergence`` of the span log-probabilities (each side's sum over its tokens of the
     span, at τ). A term whose weight is 0 is returned as zeros and costs nothing.
     uld: ``uld_distance`` at the spans' first predictions; ``uld_tokens`` "all" uses every token,
-    "unmatched" leaves out the shared ones, "auto" is "unmatched" when ``exact_weight > 0``.
+    "unmatched" leaves out the shared ones, "auto" is "unmatched" when ``exact_weight > 0``;
+    ``uld_top_k`` as in ``uld_distance`` (0: exact).
 
     Shapes:
         student_logits: (N, V_s);  teacher_logits: (N, V_t);  *_span_logprob, single: (N,);
@@ -357,5 +367,5 @@ def cross_tokenizer_divergence(student_logits: Tensor, teacher_logits: Tensor, s
         unmatched = uld_tokens == "unmatched" or (uld_tokens == "auto" and exact_weight != 0)
         uld = uld_distance(student_logits, teacher_logits, temperature=temperature,
                            student_exclude=student_ids if unmatched else None,
-                           teacher_exclude=teacher_ids if unmatched else None)
+                           teacher_exclude=teacher_ids if unmatched else None, top_k=uld_top_k)
     return exact, uld

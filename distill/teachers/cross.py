@@ -172,16 +172,28 @@ class Aligner:
 
 @dataclass
 class AlignedSignal:
-    """The teacher at the aligned spans of a micro-batch, at temperature τ.
+    """The teacher at the aligned spans of a micro-batch.
 
-    logits: (N, V_t) next-token logits at each span's first prediction (raw, not tempered).
-    span_logprob: (N,) log-probability of each span's text (sum over its teacher tokens at τ; 0 for 1:1 spans).
+    At each span's first prediction: ``hidden`` (N, d_t) with the LM head ``weight`` (V_t, d_t) and
+    ``bias``, so a loss computes the (N, V_t) logits a chunk of spans at a time (``logits(rows)``);
+    or, for a head that is not a plain linear layer, the ``full`` logits (N, V_t).
+    span_logprob: (N,) log-probability of each span's text at τ (sum over its teacher tokens; 0 on 1:1 spans).
     alignment: the index tensors, for the student side.
     """
 
-    logits: Tensor
     span_logprob: Tensor
     alignment: BatchAlignment
+    vocab_size: int
+    hidden: Optional[Tensor] = None
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    full: Optional[Tensor] = None
+
+    def logits(self, rows=slice(None)) -> Tensor:
+        """Next-token logits (n, V_t) at the first predictions of spans ``rows`` (raw, not tempered)."""
+        if self.full is not None:
+            return self.full[rows]
+        return slice_vocab(torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias), self.vocab_size)
 
 
 class CrossTokenizerTeacher:
@@ -195,21 +207,23 @@ class CrossTokenizerTeacher:
         self.seconds = 0.0  # teacher forward
         self.align_seconds = 0.0  # re-tokenization and alignment (CPU)
 
-    def _answer(self, a: BatchAlignment) -> tuple[Tensor, Tensor]:
-        """(logits at the spans' first predictions (N, V_t), tempered log-probs of merged spans' tokens (M_t,)):
-        the LM head only on those rows, a chunk at a time, when the head is a plain linear layer."""
+    def _answer(self, a: BatchAlignment) -> tuple[AlignedSignal, Tensor]:
+        """(the signal, tempered log-probs of merged spans' teacher tokens (M_t,)): the LM head only on
+        the rows needed, a chunk at a time, when it is a plain linear layer."""
         if has_plain_lm_head(self.model):
             hidden = self.model.base_model(**a.teacher_inputs).last_hidden_state.flatten(0, 1)  # (B*T_t, d_t)
             head = self.model.get_output_embeddings()
             rows_of = lambda index: slice_vocab(head(hidden[index]), self.vocab_size)  # noqa: E731
+            kept = dict(hidden=hidden[a.t_first], weight=head.weight, bias=head.bias)  # (N, d_t)
         else:  # soft-capped or scaled logits
             logits = self.model(**a.teacher_inputs).logits.flatten(0, 1)  # (B*T_t, V_t)
             rows_of = lambda index: slice_vocab(logits[index], self.vocab_size)  # noqa: E731
-        first = rows_of(a.t_first)  # (N, V_t)
+            kept = dict(full=rows_of(a.t_first))
         lp = torch.cat([token_logprobs(rows_of(a.t_pos[r]).float() / self.temperature, a.t_tok[r])
                         for r in chunk_slices(a.t_pos.numel(), self.chunk_size)]
-                       or [first.new_zeros(0, dtype=torch.float32)])  # (M_t,)
-        return first, lp
+                       or [torch.zeros(0, device=a.t_pos.device)])  # (M_t,)
+        span_lp = torch.zeros(a.num_spans, dtype=torch.float32, device=lp.device).index_add_(0, a.t_span, lp)
+        return AlignedSignal(span_logprob=span_lp, alignment=a, vocab_size=self.vocab_size, **kept), lp
 
     @torch.no_grad()
     def signal(self, inputs: dict, mask: Tensor, examples: Optional[Sequence[int]] = None, *, want: str = "aligned",
@@ -221,10 +235,9 @@ class CrossTokenizerTeacher:
         self.align_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
         try:
-            first, lp = self._answer(a)
-            span_lp = torch.zeros(a.num_spans, dtype=torch.float32, device=first.device).index_add_(0, a.t_span, lp)
-            ok = finite(first) & finite(lp)
-            return TeacherSignal(ok=ok, aligned=AlignedSignal(logits=first, span_logprob=span_lp, alignment=a))
+            aligned, lp = self._answer(a)
+            first = aligned.hidden if aligned.hidden is not None else aligned.full
+            return TeacherSignal(ok=finite(first) & finite(lp), aligned=aligned)
         finally:
             if mask.device.type == "cuda":
                 torch.cuda.synchronize(mask.device)
