@@ -533,7 +533,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     if cross is not None:  # the teacher reads each row's text with its own tokenizer (distill/teachers/cross.py)
         teacher_tokenizer = models.load_tokenizer(config.teacher.model, revision=config.teacher.revision,
                                                   trust_remote_code=config.teacher.trust_remote_code)
-        aligner = Aligner(teacher_tokenizer, tokenizer)
+        aligner = Aligner(teacher_tokenizer, tokenizer, max_teacher_length=getattr(
+            teacher.config, "max_position_embeddings", None) if teacher is not None else None)
         vocab_size = len(tokenizer)
     else:
         vocab_size = shared_vocab(config, tok_name, tokenizer) if teacher is not None else len(tokenizer)

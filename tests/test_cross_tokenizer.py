@@ -264,3 +264,71 @@ def test_uld_top_k_is_exact_at_full_width_and_a_close_lower_bound_below():
         assert (approx <= exact + 1e-6).all()
         assert (exact - approx <= 2 * torch.minimum(p_tail, q_tail).float() + 1e-6).all()
         approx.sum().backward()  # differentiable
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def test_aligner_with_identical_tokenizers_reproduces_the_row(zoo):
+    from distill.teachers.cross import Aligner
+
+    tok = zoo["bpe8k"]
+    al = Aligner(tok, tok)
+    ids = tok(HARD[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    teacher, spans = al.row(ids)
+    assert teacher == ids
+    assert [(t0, t1, s0, s1) for t0, t1, s0, s1 in spans] == [(k, k + 1, k, k + 1) for k in range(len(ids))]
+
+
+@pytest.mark.parametrize("student", ["bpe1k", "unigram"])
+def test_aligner_spans_spell_the_same_bytes_and_map_eos(zoo, student):
+    from distill.teachers.cross import Aligner
+
+    teacher_tok, student_tok = zoo["bpe8k"], zoo[student]
+    al = Aligner(teacher_tok, student_tok)
+    tb, sb = token_bytes(teacher_tok), token_bytes(student_tok)
+    text = HARD[0] + HARD[2] + HARD[1]
+    ids = student_tok(text)["input_ids"] + [student_tok.eos_token_id]  # the unigram one starts with its BOS
+    teacher, spans = al.row(ids)
+    assert spans[-1][1] - spans[-1][0] == 1 and teacher[spans[-1][0]] == teacher_tok.eos_token_id
+    assert ids[spans[-1][2]] == student_tok.eos_token_id
+    for t0, t1, s0, s1 in spans[:-1]:
+        assert b"".join(tb[i] for i in teacher[t0:t1]) == b"".join(sb[i] for i in ids[s0:s1])
+    covered = sum(s1 - s0 for *_, s0, s1 in spans)
+    assert covered == len(ids) - (1 if student == "unigram" else 0)  # everything but the BOS
+
+
+def test_aligner_skips_a_row_start_inside_a_character(zoo):
+    from distill.teachers.cross import Aligner
+
+    teacher_tok, student_tok = zoo["bpe8k"], zoo["bpe1k"]
+    ids = student_tok("😀 abc def", add_special_tokens=False)["input_ids"]
+    assert len(student_tok.convert_ids_to_tokens(ids)[0]) == 1  # a byte token: a packed row cut here
+    teacher, spans = Aligner(teacher_tok, student_tok).row(ids[1:])
+    assert spans and b"".join(token_bytes(teacher_tok)[i] for i in teacher).endswith(b" abc def")
+
+
+def test_aligner_batch_indices_mask_and_teacher_length(zoo):
+    from distill.teachers.cross import Aligner
+
+    teacher_tok, student_tok = zoo["bpe8k"], zoo["unigram"]
+    rows = [student_tok(t)["input_ids"] + [student_tok.eos_token_id] for t in (HARD[0], HARD[4])]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [student_tok.pad_token_id] * (T - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    mask = attn[:, 1:].bool().clone()
+    mask[0, :5] = False  # a "prompt": the first tokens of row 0 are not supervised
+    al = Aligner(teacher_tok, student_tok)
+    a = al.batch(ids, attn, mask)
+    assert a.num_spans > 10
+    s_row, s_pos = a.s_first // T, a.s_first % T
+    assert (mask[s_row, s_pos]).all()  # every span's first prediction is supervised
+    assert ((s_row == 0) & (s_pos < 5)).sum() == 0
+    t_ids = a.teacher_inputs["input_ids"]
+    T_t = t_ids.shape[1]
+    # merged spans: the tokens whose probabilities are multiplied are the row's own next tokens
+    assert (ids.flatten()[a.s_pos + 1] == a.s_tok).all() and (t_ids.flatten()[a.t_pos + 1] == a.t_tok).all()
+    assert (a.span_tokens >= 1).all() and int(a.single.sum()) + int((~a.single).sum()) == a.num_spans
+    capped = Aligner(teacher_tok, student_tok, max_teacher_length=12).batch(ids, attn, mask)
+    assert capped.teacher_inputs["input_ids"].shape[1] == 12 and 0 < capped.num_spans < a.num_spans
+    assert T_t > 12

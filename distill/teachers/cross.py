@@ -3,6 +3,8 @@ aligned with the student's tokens by byte offsets (``distill.losses.cross_tokeni
 
 The text of a student row is the bytes its tokens stand for (``token_bytes``: exact for byte-level
 BPE and SentencePiece-style tokenizers, so the student's ids are never re-derived from a decode).
+The teacher's byte ends come from its offsets, refined to exact byte positions when its tokens spell
+the text (byte-level BPE), so even the pieces of one multibyte character align one to one.
 Special tokens split a row into segments: a student EOS becomes the teacher's EOS (the pair is in
 the shared vocabulary), a leading BOS is the student's first predictor, and the teacher gets its own
 BOS when its tokenizer adds one. Each segment's text is tokenized by the teacher with offsets, and
@@ -12,6 +14,7 @@ its student tokens are supervised and both sides have a token before it to predi
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -81,12 +84,14 @@ def _special_prefix(tokenizer) -> list[int]:
 class Aligner:
     """Re-tokenizes student rows for the teacher and aligns them (plain Python, on the CPU)."""
 
-    def __init__(self, teacher_tokenizer, student_tokenizer):
+    def __init__(self, teacher_tokenizer, student_tokenizer, *, max_teacher_length: Optional[int] = None):
         lossless(student_tokenizer, "student")
         lossless(teacher_tokenizer, "teacher")
         byte_ends(teacher_tokenizer, "check")  # refuses a tokenizer without offsets, with one line
         self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.max_teacher_length = max_teacher_length  # the teacher's positions; a longer row is cut (its spans dropped)
         self.student_bytes = token_bytes(student_tokenizer)
+        self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.teacher_ids, self.student_ids = shared_token_ids(teacher_tokenizer, student_tokenizer)
         self.teacher_prefix = _special_prefix(teacher_tokenizer)
         self.teacher_eos = teacher_tokenizer.eos_token_id
@@ -111,6 +116,9 @@ class Aligner:
             j = i
             while j < len(ids) and self.student_bytes[ids[j]] is not None:
                 j += 1
+            # A packed row can start inside a character: skip the tokens before the first character start.
+            while i < j and self.student_bytes[ids[i]][:1] and (self.student_bytes[ids[i]][0] & 0xC0) == 0x80:
+                i += 1
             s_ends, total = [], 0
             for k in range(i, j):
                 total += len(self.student_bytes[ids[k]])
@@ -121,6 +129,10 @@ class Aligner:
             except UnicodeDecodeError as error:  # a row cut inside a character: align the valid prefix
                 text = data[:error.start].decode("utf-8")
             t_ids, t_ends = byte_ends(self.teacher_tokenizer, text)
+            spelled = [self.teacher_bytes[t] for t in t_ids]
+            if None not in spelled and b"".join(spelled) == text.encode("utf-8"):
+                # the teacher's tokens spell the text: exact byte ends, also between the pieces of a character
+                t_ends = list(itertools.accumulate(len(b) for b in spelled))
             base = len(teacher)
             for span in align_spans(t_ends, s_ends):
                 spans.append((base + span.t0, base + span.t1, i + span.s0, i + span.s1))
@@ -136,6 +148,9 @@ class Aligner:
         ids_rows = input_ids.tolist()
         sup = mask.tolist()
         rows = [self.row(ids_rows[b][:lengths[b]]) for b in range(B)]
+        if self.max_teacher_length is not None:
+            cap = self.max_teacher_length
+            rows = [(t[:cap], [span for span in spans if span[1] <= cap]) for t, spans in rows]
         T_t = max([len(t) for t, _ in rows] + [1])
         t_input = torch.full((B, T_t), self.teacher_pad, dtype=torch.long)
         t_attn = torch.zeros((B, T_t), dtype=torch.long)
