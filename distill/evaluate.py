@@ -59,8 +59,8 @@ from torch import Tensor, nn
 from distill.data import collate, load_tokenized
 from distill.errors import UserError
 from distill.generation import NonFiniteGuard, SamplingSettings, row_seed, sample
-from distill.losses import (DEFAULT_CHUNK_SIZE, check_tokenizers_compatible, chunk_slices, cross_entropy,
-                            forward_kl, reverse_kl, slice_vocab, tvd)
+from distill.losses import (DEFAULT_CHUNK_SIZE, TokenizerMismatchError, check_tokenizers_compatible, chunk_slices,
+                            cross_entropy, forward_kl, reverse_kl, slice_vocab, tvd)
 from distill.teachers import LiveTeacher
 from distill.teachers.live import completion_logprobs
 
@@ -847,7 +847,13 @@ def _load_tokenizer(paths: dict[str, str]):
         raise UserError(f"model {first_name!r}: {e}") from None
     for name, path in list(hf_paths.items())[1:]:
         if os.path.isdir(path) and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            check_tokenizers_compatible(loading.load_tokenizer(path), tokenizer)
+            try:
+                check_tokenizers_compatible(loading.load_tokenizer(path), tokenizer)
+            except TokenizerMismatchError as e:
+                raise UserError(f"model {name!r}: its tokenizer is not {first_name!r}'s ({str(e).split(' (first')[0]}). "
+                                "distill eval scores every model on one tokenizer; for a student on another "
+                                "tokenizer, `distill train` with loss.cross_tokenizer reports fidelity on aligned "
+                                "spans (eval/aligned_* in metrics.jsonl)") from None
     return tokenizer
 
 

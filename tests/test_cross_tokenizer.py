@@ -332,3 +332,13 @@ def test_aligner_batch_indices_mask_and_teacher_length(zoo):
     capped = Aligner(teacher_tok, student_tok, max_teacher_length=12).batch(ids, attn, mask)
     assert capped.teacher_inputs["input_ids"].shape[1] == 12 and 0 < capped.num_spans < a.num_spans
     assert T_t > 12
+
+
+def test_distill_eval_refuses_another_tokenizer_and_points_to_the_aligned_metrics(zoo, tmp_path):
+    from distill.errors import UserError
+    from distill.evaluate import _load_tokenizer
+
+    zoo["bpe8k"].save_pretrained(tmp_path / "teacher")
+    zoo["unigram"].save_pretrained(tmp_path / "student")
+    with pytest.raises(UserError, match=r"model 'student'.*loss.cross_tokenizer"):
+        _load_tokenizer({"teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student")})
