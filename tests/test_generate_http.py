@@ -286,9 +286,17 @@ def test_llama_server_logprobs_are_the_teachers(llama_server, tmp_path):
     assert m["counts"]["kept"] == 16 and m["teacher"]["kind"] == "http"
     lp = m["logprobs"]
     assert lp["rows"] >= 12 and lp["cache"] == "cache"  # most samples' tokens are the tokenizer's own
-    # same requests at concurrency 1: the same text (each request carries its seed)
+    # Same requests at concurrency 1: the same text, because each request carries its seed. Not always
+    # byte for byte: llama-cpp-python reuses the KV cache of the previous request's common prefix, so
+    # the order requests arrive in changes how a prompt is evaluated, hence float rounding, and a
+    # sample at a near-tie can go another way (seen once in 16 on a fresh machine). Without the seeds
+    # almost every completion would differ.
     generate(llama_config(tmp_path, url, "serial", concurrency=1), progress=False)
-    assert (tmp_path / "serial" / "data.jsonl").read_bytes() == (out / "data.jsonl").read_bytes()
+    key = lambda r: (r["prompt_index"], r["sample"])  # noqa: E731
+    serial = {key(r): r["completion"] for r in map(json.loads, (tmp_path / "serial" / "data.jsonl").read_text().splitlines())}
+    parallel = {key(r): r["completion"] for r in map(json.loads, (out / "data.jsonl").read_text().splitlines())}
+    assert serial.keys() == parallel.keys()
+    assert sum(serial[k] == parallel[k] for k in serial) >= len(serial) - 2
 
     tok = AutoTokenizer.from_pretrained(TEACHER)
     model = AutoModelForCausalLM.from_pretrained(TEACHER).eval()
