@@ -192,15 +192,21 @@ def cross_tokenizer_micro_batch(hidden: Tensor, head: nn.Module, tokens: Tensor,
     every supervised student token. ``hidden`` (B, T, d) is the student's last hidden state."""
     flat = hidden.flatten(0, 1)  # (B*T, d)
     chunk = s.chunk_size or DEFAULT_CHUNK_SIZE
-    ce = -chunked_token_logprobs(hidden[:, :-1][mask], head.weight, tokens, bias=head.bias,
-                                 vocab_size=s.vocab_size, chunk_size=chunk).sum()
+    logq = chunked_token_logprobs(hidden[:, :-1][mask], head.weight, tokens, bias=head.bias,
+                                  vocab_size=s.vocab_size, chunk_size=chunk)  # (N_sup,)
+    ce = -logq.sum()
     kd = ce.new_zeros(())
     if signal is not None:
         t = signal.aligned
         a = t.alignment
-        scale = 1.0 / s.temperature
-        lp = chunked_token_logprobs(flat[a.s_pos] * scale, head.weight, a.s_tok, bias=None if head.bias is None
-                                    else head.bias * scale, vocab_size=s.vocab_size, chunk_size=chunk)  # (M_s,) at τ
+        if s.temperature == 1.0:  # a merged span's tokens are all supervised: their log-probs are CE's, reused
+            T = hidden.shape[1]
+            row_of = torch.cumsum(mask.flatten(), 0) - 1  # (B*(T-1),) index in logq of each supervised position
+            lp = logq[row_of[(a.s_pos // T) * (T - 1) + a.s_pos % T]]  # (M_s,)
+        else:
+            scale = 1.0 / s.temperature
+            lp = chunked_token_logprobs(flat[a.s_pos] * scale, head.weight, a.s_tok, bias=None if head.bias is None
+                                        else head.bias * scale, vocab_size=s.vocab_size, chunk_size=chunk)  # at τ
         span_lp = lp.new_zeros(a.num_spans).index_add(0, a.s_span, lp)  # (N,)
         x = s.cross
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.build import has_plain_lm_head
-from distill.errors import UserError
+from distill.data.formats import special_prefix
 from distill.losses import chunk_slices, slice_vocab
 from distill.losses.cross_tokenizer import (AlignmentError, _decoder_kinds, align_spans, byte_ends, shared_token_ids,
                                             token_bytes)
@@ -71,16 +71,6 @@ def lossless(tokenizer, role: str) -> None:
                              "of a row cannot be recovered from its tokens for the other tokenizer to read")
 
 
-def _special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before any text (e.g. BOS), from its own post-processor."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for k in range(len(with_special) - len(plain) + 1):
-        if with_special[k:k + len(plain)] == plain:
-            return list(with_special[:k])
-    return []
-
-
 class Aligner:
     """Re-tokenizes student rows for the teacher and aligns them (plain Python, on the CPU)."""
 
@@ -93,7 +83,7 @@ class Aligner:
         self.student_bytes = token_bytes(student_tokenizer)
         self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.teacher_ids, self.student_ids = shared_token_ids(teacher_tokenizer, student_tokenizer)
-        self.teacher_prefix = _special_prefix(teacher_tokenizer)
+        self.teacher_prefix = special_prefix(teacher_tokenizer)  # what the teacher saw before text in training
         self.teacher_eos = teacher_tokenizer.eos_token_id
         self.student_eos = student_tokenizer.eos_token_id
         self.teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else (
@@ -258,12 +248,3 @@ class CrossTokenizerTeacher:
                 torch.cuda.synchronize(mask.device)
             self.seconds += time.perf_counter() - tic
 
-
-def check_pair(student_tokenizer, teacher_tokenizer) -> None:
-    """Refuse a pair that cannot be aligned, before any weights load (one line each)."""
-    try:
-        Aligner(teacher_tokenizer, student_tokenizer)
-    except AlignmentError:
-        raise
-    except Exception as error:  # pragma: no cover - a tokenizer that breaks in an unexpected way
-        raise UserError(f"cannot align the student and teacher tokenizers: {error}") from None
