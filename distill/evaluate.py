@@ -35,6 +35,20 @@ turns it into ``eval.json`` and ``report.html``). Per model:
   non-finite scores with uniform ones (``NonFiniteGuard``) instead of crashing, and a model for
   which that happened gets None generation metrics (and is not timed).
 
+- Bits per byte, for every model: ``bits_per_byte`` = nats over the predicted tokens ÷ their bytes
+  ÷ ln 2, which compares models with different tokenizers (perplexity does not).
+- A model on another tokenizer than the teacher's (or, without a teacher, the first model's) is
+  scored on the same text: every data block's bytes (the bytes its tokens spell, never a decode)
+  re-tokenized by its own tokenizer (``distill.teachers.cross.Aligner``; its BOS first when its
+  tokenizer adds one; EOS maps to EOS). Its likelihood metrics are per its own tokens; the id-by-id
+  fidelity metrics are None and, against a teacher, ``aligned_forward_kl`` (exact-match KL over the
+  shared tokens on 1:1 spans, the span's probability on merged ones, τ = 1), ``aligned_uld``,
+  ``aligned_top1_agreement`` (1:1 spans) and ``aligned_token_share`` (its tokens inside aligned
+  spans) take their place, as in training's eval. Its prompts are the same text in its own tokens;
+  ``teacher_nll`` and ``distinct_n`` read its completions in the teacher's tokens (re-tokenized
+  text), so the columns compare. It is not measured as the teacher's draft (speculative decoding
+  needs one vocabulary).
+
 All divergence and likelihood math comes from ``distill.losses``; logits are made per chunk of
 supervised rows (``chunk_slices``) from the final hidden states, so the full (B, T, V) tensor never
 exists for models with a plain LM head.
@@ -78,6 +92,8 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "perplexity": ("perplexity", "min", "exp(eval cross-entropy)"),
     "top1_accuracy": ("next-token top-1 accuracy", "max", "argmax prediction equals the next token"),
     "ece": ("calibration error (ECE)", "min", "expected calibration error of the top-1 prediction, 15 bins"),
+    "bits_per_byte": ("bits per byte", "min",
+                      "nats over the predicted tokens ÷ their bytes ÷ ln 2: comparable across tokenizers"),
     "top1_agreement": ("top-1 agreement with teacher", "max", "same argmax as the teacher"),
     "forward_kl": ("forward KL to teacher", "min", "KL(p_teacher‖q_model) per token, τ = 1"),
     "reverse_kl": ("reverse KL to teacher", "min", "KL(q_model‖p_teacher) per token, τ = 1"),
@@ -87,11 +103,20 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
     "draft_expected_tokens": (f"tokens per teacher step, γ = {DRAFT_GAMMA}", "max",
                               f"(1 − α^(γ+1)) / (1 − α): expected tokens per teacher forward with {DRAFT_GAMMA} "
                               "draft tokens"),
+    "aligned_forward_kl": ("aligned forward KL to teacher", "min",
+                           "another tokenizer: exact-match KL(p_teacher‖q_model) per aligned span, τ = 1 (shared "
+                           "tokens + a rest bucket on 1:1 spans, the span's probability on merged ones)"),
+    "aligned_uld": ("aligned ULD to teacher", "min",
+                    "another tokenizer: L1 distance between the sorted probability vectors per aligned span"),
+    "aligned_top1_agreement": ("aligned top-1 agreement", "max",
+                               "another tokenizer: same argmax token text as the teacher on 1:1 spans"),
+    "aligned_token_share": ("aligned token share", "max",
+                            "another tokenizer: share of its predicted tokens inside aligned spans"),
     "teacher_nll": ("teacher NLL of generations", "min",
                     "teacher's mean negative log-likelihood per token of the model's own samples"),
     "valid_python": ("valid Python", "max", "fraction of prompt + completion that parse with ast"),
-    "distinct_1": ("distinct-1", None, "distinct tokens / tokens over all completions"),
-    "distinct_2": ("distinct-2", None, "distinct token bigrams / bigrams over all completions"),
+    "distinct_1": ("distinct-1", None, "distinct tokens / tokens over all completions (the teacher's tokens)"),
+    "distinct_2": ("distinct-2", None, "distinct token bigrams / bigrams over all completions (the teacher's tokens)"),
     "generate_tokens_per_s_batch1": ("generation tokens/s, batch 1", "max", "sampled tokens per second"),
     "generate_tokens_per_s_batched": ("generation tokens/s, batched", "max", "sampled tokens per second"),
     "forward_tokens_per_s": ("forward tokens/s", "max", "tokens per second through a full forward pass"),
@@ -112,6 +137,7 @@ METRICS: dict[str, tuple[str, Optional[str], str]] = {
 }
 LIKELIHOOD_KEYS = ("eval_ce", "perplexity", "top1_accuracy", "ece")
 FIDELITY_KEYS = ("top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance", "draft_expected_tokens")
+ALIGNED_KEYS = ("aligned_forward_kl", "aligned_uld", "aligned_top1_agreement", "aligned_token_share")
 GENERATION_KEYS = ("teacher_nll", "valid_python", "distinct_1", "distinct_2")
 SPEED_KEYS = ("generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s")
 SPEC_KEYS = ("spec_acceptance_measured", "spec_acceptance_expected", "spec_acceptance_z", "spec_tokens_per_step",
@@ -467,6 +493,119 @@ def likelihood_metrics(models: dict[str, nn.Module], dataset, *, teacher: Option
             for name, s in sums.items()}
 
 
+def predicted_bytes(dataset, tokenizer) -> Optional[int]:
+    """Bytes of the supervised next tokens of ``dataset`` (position t predicts token t+1; special
+    tokens count 0), the denominator of ``bits_per_byte``; None when the tokenizer's tokens do not
+    map to bytes (``token_bytes`` refuses its encoding)."""
+    from distill.losses.cross_tokenizer import AlignmentError, token_bytes
+
+    try:
+        table = token_bytes(tokenizer)
+    except AlignmentError:
+        return None
+    sizes = [len(b) if b is not None else 0 for b in table]
+    total = 0
+    for labels in dataset["labels"]:
+        total += sum(sizes[t] if 0 <= t < len(sizes) else 0 for t in labels[1:] if t != -100)
+    return total
+
+
+def bits_per_byte(metrics: dict, n_bytes: Optional[int]) -> Optional[float]:
+    """``eval_ce`` × ``eval_tokens`` ÷ bytes ÷ ln 2 (None when either is missing)."""
+    if metrics.get("eval_ce") is None or not n_bytes:
+        return None
+    return metrics["eval_ce"] * metrics["eval_tokens"] / n_bytes / math.log(2)
+
+
+def _row_logits(model: nn.Module, inputs: dict, vocab_size: int):
+    """A function from flat (B·T) position indices to float32 logits (n, vocab_size): from the hidden
+    states with a plain LM head (the full (B, T, V) tensor never exists), else the model's own logits."""
+    if _plain_head(model):
+        hidden = model.base_model(**inputs).last_hidden_state.flatten(0, 1)
+        head = model.get_output_embeddings()
+        return lambda index: slice_vocab(head(hidden[index]), vocab_size).float()
+    dense = model(**inputs).logits.flatten(0, 1)
+    return lambda index: slice_vocab(dense[index], vocab_size).float()
+
+
+@torch.inference_mode()
+def foreign_metrics(model: nn.Module, aligner, dataset, *, vocab_size: int, teacher: Optional[nn.Module],
+                    teacher_vocab_size: int, batch_size: int, pad_token_id: int, device,
+                    progress: bool = False) -> dict:
+    """Metrics of a model on another tokenizer, on the same text as the others.
+
+    ``aligner`` is ``Aligner(model's tokenizer, evaluation tokenizer)``: each block of ``dataset``
+    (evaluation tokens) is re-tokenized for the model and aligned by bytes. Returns its likelihood
+    metrics per its own predicted tokens (``_Sums``), ``predicted_bytes`` (theirs, for
+    ``bits_per_byte``) and, with ``teacher`` (on the evaluation tokenizer), the ``ALIGNED_KEYS`` at
+    τ = 1, as training's ``aligned_fidelity`` computes them with the roles of the two tokenizers
+    swapped (here the teacher's side is the one the rows come from)."""
+    from tqdm.auto import tqdm
+
+    from distill.losses.cross_tokenizer import cross_tokenizer_divergence
+    from distill.losses.policy import token_logprobs
+
+    sums = _Sums()
+    sizes = [len(b) if b is not None else 0 for b in aligner.teacher_bytes]
+    n_bytes = 0
+    agg = torch.zeros(6, dtype=torch.float64)  # kl, uld, agree, spans, single spans, own tokens in spans
+    own_ids = torch.tensor(aligner.teacher_ids, dtype=torch.long, device=device)  # the model's shared ids
+    ref_ids = torch.tensor(aligner.student_ids, dtype=torch.long, device=device)  # the teacher's, paired
+    to_ref = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
+    to_ref[own_ids] = ref_ids
+    teacher_finite = True
+    for start in tqdm(range(0, len(dataset), batch_size), desc="likelihood (other tokenizer)", disable=not progress,
+                      leave=False):
+        rows = dataset[start:start + batch_size]
+        examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_token_id=pad_token_id).items()}
+        mask = batch["labels"][:, 1:] != -100
+        a = aligner.batch(batch["input_ids"], batch["attention_mask"], mask)
+        inputs = {k: v.to(device) for k, v in a.teacher_inputs.items()}
+        ids, attn = inputs["input_ids"], inputs["attention_mask"].bool()
+        predicts = (attn[:, :-1] & attn[:, 1:])  # (B, T_m - 1): position t predicts token t + 1
+        T_m = ids.shape[1]
+        positions = predicts.nonzero()
+        flat = positions[:, 0] * T_m + positions[:, 1]  # (N,)
+        targets = ids[:, 1:][predicts]  # (N,)
+        own = _row_logits(model, inputs, vocab_size)
+        for r in chunk_slices(flat.numel(), DEFAULT_CHUNK_SIZE):
+            logits = own(flat[r])
+            sums.add(logits, targets[r], None, finite_rows(logits))
+        n_bytes += sum(sizes[t] if t < len(sizes) else 0 for t in targets.tolist())
+        if teacher is None or not a.num_spans:
+            continue
+        ref = _row_logits(teacher, dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                          teacher_vocab_size)
+        t_first = ref(a.s_first)  # (N, V_t): the spans' first predictions, the rows' side
+        teacher_finite = teacher_finite and bool(finite_rows(t_first).all())
+        t_span = torch.zeros(a.num_spans, dtype=torch.float32, device=device).index_add_(
+            0, a.s_span, token_logprobs(ref(a.s_pos), a.s_tok))
+        m_first = own(a.t_first)  # (N, V_m): the model's side
+        m_span = torch.zeros(a.num_spans, dtype=torch.float32, device=device).index_add_(
+            0, a.t_span, token_logprobs(own(a.t_pos), a.t_tok))
+        kl, _ = cross_tokenizer_divergence(m_first, t_first, m_span, t_span, a.single, own_ids, ref_ids,
+                                           divergence="forward_kl", uld_weight=0.0)
+        _, uld = cross_tokenizer_divergence(m_first, t_first, m_span, t_span, a.single, own_ids, ref_ids,
+                                            exact_weight=0.0, uld_tokens="all")
+        agree = (to_ref[m_first.argmax(-1)] == t_first.argmax(-1)) & a.single
+        agg += torch.tensor([kl.double().sum().item(), uld.double().sum().item(), agree.sum().item(),
+                             a.num_spans, a.single.sum().item(), a.single.sum().item() + a.t_pos.numel()],
+                            dtype=torch.float64)
+    out = sums.metrics(with_teacher=False)
+    out["predicted_bytes"] = n_bytes
+    out.update(dict.fromkeys(ALIGNED_KEYS))
+    if teacher is not None and (out["nonfinite_positions"] or not teacher_finite):
+        out["nonfinite_metrics"] += list(ALIGNED_KEYS)
+    elif teacher is not None:
+        kl, uld, agree, spans, single, inside = agg.tolist()
+        out.update(aligned_forward_kl=kl / spans if spans else None, aligned_uld=uld / spans if spans else None,
+                   aligned_top1_agreement=agree / single if single else None,
+                   aligned_token_share=inside / out["eval_tokens"] if out["eval_tokens"] else None)
+    out["aligned_spans"] = int(agg[3])
+    return out
+
+
 @torch.inference_mode()
 def teacher_nll(teacher: nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
                 vocab_size: int, pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
@@ -648,7 +787,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     reference = "teacher" if teacher is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    tokenizer = _load_tokenizer(paths)
+    tokenizer, foreign = _load_tokenizers(paths)  # foreign: name -> (its tokenizer, its Aligner)
     vocab_size = len(tokenizer)
     loaded = {}
     # GGUF files first: their checks are cheap and fail before any HF model has been loaded
@@ -663,9 +802,12 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
         except UserError as e:
             raise UserError(f"model {name!r}: {e}") from None
         width = model.get_output_embeddings().weight.shape[0]
-        if width < vocab_size:
-            raise UserError(f"model {name!r} has {width} vocabulary rows but the tokenizer has {vocab_size} tokens")
+        own_size = len(foreign[name][0]) if name in foreign else vocab_size
+        if width < own_size:
+            raise UserError(f"model {name!r} has {width} vocabulary rows but the tokenizer has {own_size} tokens")
         loaded[name] = loading.freeze(model.to(device))
+        if name in foreign:  # rows longer than its positions are cut (their spans dropped)
+            foreign[name][1].max_teacher_length = getattr(model.config, "max_position_embeddings", None)
     loaded = {name: loaded[name] for name in paths}
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
 
@@ -676,12 +818,24 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     results = {name: {"path": str(paths[name]), "status": "ok", "finite": True,  # both set at the end
                       "params": _params(m), "format": "gguf" if is_gguf(paths[name]) else "hf",
                       "size_bytes": weights_size(paths[name])} for name, m in loaded.items()}
-    for r in results.values():
+    for name, r in results.items():
         r["size_mb"] = r["size_bytes"] / 1e6
-    for name, metrics in likelihood_metrics(loaded, dataset, teacher=reference, vocab_size=vocab_size,
+        r["tokenizer"] = str(paths[name]) if name in foreign else "shared"
+    shared = {name: m for name, m in loaded.items() if name not in foreign}
+    ref_bytes = predicted_bytes(dataset, tokenizer)
+    for name, metrics in likelihood_metrics(shared, dataset, teacher=reference, vocab_size=vocab_size,
                                             batch_size=batch_size, pad_token_id=pad, device=device,
                                             progress=progress).items():
-        results[name].update(metrics)
+        results[name].update(metrics, bits_per_byte=bits_per_byte(metrics, ref_bytes),
+                             **dict.fromkeys(ALIGNED_KEYS))
+    for name, (own_tok, aligner) in foreign.items():
+        if progress:
+            print(f"scoring {name} on its own tokenizer, aligned by bytes", flush=True, file=_stderr())
+        metrics = foreign_metrics(loaded[name], aligner, dataset, vocab_size=len(own_tok),
+                                  teacher=loaded[reference] if reference is not None else None,
+                                  teacher_vocab_size=vocab_size, batch_size=batch_size, pad_token_id=pad,
+                                  device=device, progress=progress)
+        results[name].update(metrics, bits_per_byte=bits_per_byte(metrics, metrics.pop("predicted_bytes")))
 
     # Generation: the same prompts and random stream for every model.
     max_positions = min(getattr(m.config, "max_position_embeddings", 1 << 30) or (1 << 30) for m in loaded.values())
@@ -695,6 +849,16 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                                         seed=seed, max_prompt_tokens=budget)
     prompt_ids = [p.ids for p in prompts]
     samples = [{"prompt": p.text, "source": p.source, "completions": {}} for p in prompts]
+    # A model on another tokenizer: the same prompt text in its own tokens, its own pad and EOS.
+    own = {name: (tokenizer, prompt_ids, pad, eos, dataset) for name in loaded}
+    for name, (own_tok, aligner) in foreign.items():
+        o_eos = own_tok.eos_token_id
+        o_pad = own_tok.pad_token_id if own_tok.pad_token_id is not None else o_eos
+        budget = max(1, min(max_length, max_positions - max_new_tokens) - 1)
+        o_prompts = [[o_eos] + _plain_ids(own_tok, p.text)[-budget:] for p in prompts]
+        blocks = [aligner.row(ids)[0][:aligner.max_teacher_length or None]
+                  for ids in dataset[:batch_size]["input_ids"]]
+        own[name] = (own_tok, o_prompts, o_pad, o_eos, _Rows(blocks))
     # What was non-finite (issues) and what that left uncomputed (skipped), per model, for `status`.
     issues = {name: [] for name in loaded}
     skipped = {name: [] for name in loaded}
@@ -704,6 +868,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     teacher_finite = reference is None or not issues[reference]
     for name, model in loaded.items():
         r = results[name]
+        m_tok, m_prompts, m_pad, m_eos, m_data = own[name]
         gen = {"teacher_nll": None, "valid_python": None, "distinct_1": None, "distinct_2": None,
                "completion_tokens": 0}
         applies = [k for k in GENERATION_KEYS if (k != "teacher_nll" or reference is not None)
@@ -716,22 +881,26 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
             if progress:
                 print(f"sampling {len(prompts)} completions from {name}", flush=True, file=_stderr())
             guard = NonFiniteGuard()
-            outs = sample_completions(model, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      seed=seed, pad_token_id=pad, eos_token_id=eos, device=device, guard=guard)
+            outs = sample_completions(model, m_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      seed=seed, pad_token_id=m_pad, eos_token_id=m_eos, device=device, guard=guard)
             sampled = not guard.fired()
             if not sampled:  # the samples came partly from replaced rows: not the model's
                 issues[name].append("non-finite outputs while sampling")
                 skipped[name].append("generation metrics not computed")
                 r["nonfinite_metrics"] += applies
         if sampled:
-            texts = [_completion_text(tokenizer, p.ids, ids) for p, (ids, _) in zip(prompts, outs)]
+            texts = [_completion_text(m_tok, p, ids) for p, (ids, _) in zip(m_prompts, outs)]
             for record, text in zip(samples, texts):
                 record["completions"][name] = text
-            token_lists = [ids for ids, _ in outs]
+            if name in foreign:  # read in the teacher's tokens, so that distinct-n and teacher NLL compare
+                outs_ref = [(_plain_ids(tokenizer, text), ended) for text, (_, ended) in zip(texts, outs)]
+            else:
+                outs_ref = outs
+            token_lists = [ids for ids, _ in outs_ref]
             gen.update(distinct_1=distinct_n(token_lists, 1), distinct_2=distinct_n(token_lists, 2),
-                       completion_tokens=sum(len(t) for t in token_lists))
+                       completion_tokens=sum(len(ids) for ids, _ in outs))
             if reference is not None and teacher_finite:
-                scored = [ids + [eos] if ended else ids for ids, ended in outs]  # a sampled EOS is scored too
+                scored = [ids + [eos] if ended else ids for ids, ended in outs_ref]  # a sampled EOS is scored too
                 total, count = teacher_nll(loaded[reference], prompt_ids, scored, vocab_size=vocab_size,
                                            pad_token_id=pad, batch_size=batch_size)
                 if math.isfinite(total):
@@ -752,8 +921,8 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
             if progress:
                 print(f"timing {name}", flush=True, file=_stderr())
             guard = NonFiniteGuard()
-            timing = measure_speed(model, prompt_ids, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   pad_token_id=pad, eos_token_id=eos, device=device, seed=seed, guard=guard)
+            timing = measure_speed(model, m_prompts, m_data, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   pad_token_id=m_pad, eos_token_id=m_eos, device=device, seed=seed, guard=guard)
             if guard.fired():
                 issues[name].append("non-finite outputs while timing generation")
                 skipped[name].append("generation speed not reported")
@@ -765,8 +934,8 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
     for name, model in loaded.items():
         r = results[name]
         r.update(dict.fromkeys(SPEC_KEYS))
-        if not spec_prompts or reference is None or name == reference or hasattr(model, "gguf"):
-            continue
+        if not spec_prompts or reference is None or name == reference or hasattr(model, "gguf") or name in foreign:
+            continue  # a draft on another tokenizer cannot propose the teacher's tokens
         if issues[name] or not teacher_finite:
             r["nonfinite_metrics"] += list(SPEC_KEYS)
             continue
@@ -779,6 +948,10 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                                   gamma=DRAFT_GAMMA, seed=seed))
     if reference is not None and not teacher_finite:
         skipped[reference].append("no model's fidelity to the teacher or teacher NLL is computed")
+        for name in foreign:
+            if results[name]["aligned_forward_kl"] is not None:
+                results[name].update(dict.fromkeys(ALIGNED_KEYS))
+                results[name]["nonfinite_metrics"] += list(ALIGNED_KEYS)
         for name in loaded:
             if name != reference and not issues[name]:
                 skipped[name].append("fidelity to the teacher not computed: the teacher's outputs are non-finite")
@@ -791,6 +964,7 @@ def evaluate_models(models: dict[str, str], data: str, *, teacher: str | None = 
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, "speed": speed,
                 "draft_prompts": len(spec_prompts), "draft_gamma": DRAFT_GAMMA,
                 "dtype": dtype, "eval_blocks": len(dataset), "ece_bins": ECE_BINS,
+                "eval_bytes": ref_bytes, "other_tokenizers": sorted(foreign),
                 "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": None}}
     for model in loaded.values():
         if hasattr(model, "gguf"):
@@ -829,10 +1003,17 @@ def _params(model: nn.Module) -> int:
     return model.n_params if hasattr(model, "gguf") else sum(p.numel() for p in model.parameters())
 
 
-def _load_tokenizer(paths: dict[str, str]):
-    """The tokenizer of the teacher (or the first model); every other model directory that holds a
-    tokenizer must map the shared ids to the same tokens."""
+def _load_tokenizers(paths: dict[str, str]):
+    """(the evaluation tokenizer, {name: own tokenizer} of the models on another one).
+
+    The evaluation tokenizer is the teacher's (or the first HF model's). A model directory whose
+    tokenizer maps the shared ids to the same tokens shares it; one with another tokenizer is scored
+    through byte alignment (``foreign_metrics``), which needs both tokenizers to spell their text
+    with their tokens and to give offsets (one line otherwise). GGUF files are read with the
+    evaluation tokenizer (``_load_gguf`` checks it)."""
     from distill import models as loading
+    from distill.losses.cross_tokenizer import AlignmentError
+    from distill.teachers.cross import Aligner
 
     hf_paths = {name: path for name, path in paths.items() if not is_gguf(path)}
     if not hf_paths:
@@ -845,16 +1026,19 @@ def _load_tokenizer(paths: dict[str, str]):
         tokenizer = loading.load_tokenizer(first_path)
     except UserError as e:
         raise UserError(f"model {first_name!r}: {e}") from None
+    foreign = {}
     for name, path in list(hf_paths.items())[1:]:
         if os.path.isdir(path) and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            own = loading.load_tokenizer(path)
             try:
-                check_tokenizers_compatible(loading.load_tokenizer(path), tokenizer)
-            except TokenizerMismatchError as e:
-                raise UserError(f"model {name!r}: its tokenizer is not {first_name!r}'s ({str(e).split(' (first')[0]}). "
-                                "distill eval scores every model on one tokenizer; for a student on another "
-                                "tokenizer, `distill train` with loss.cross_tokenizer reports fidelity on aligned "
-                                "spans (eval/aligned_* in metrics.jsonl)") from None
-    return tokenizer
+                check_tokenizers_compatible(own, tokenizer)
+            except TokenizerMismatchError:
+                try:
+                    foreign[name] = (own, Aligner(own, tokenizer))
+                except AlignmentError as e:
+                    raise UserError(f"model {name!r} is on another tokenizer than {first_name!r}'s and cannot be "
+                                    f"aligned with it by bytes: {e}") from None
+    return tokenizer, foreign
 
 
 def _completion_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
@@ -863,6 +1047,19 @@ def _completion_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     head = tokenizer.decode(prompt_ids[1:])
     full = tokenizer.decode(prompt_ids[1:] + ids)
     return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
+
+
+class _Rows:
+    """Token rows that ``measure_speed`` slices like a dataset (``rows[:n]["input_ids"]``)."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+
+    def __getitem__(self, index: slice) -> dict:
+        return {"input_ids": self.rows[index]}
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def _stderr():

@@ -35,17 +35,19 @@ NONFINITE = "non-finite"  # what a cell shows for a metric that NaN or infinite 
 # from distill.evaluate.METRICS.
 GROUPS = [
     ("Size", ["params", "size_mb"]),
-    ("Likelihood on the data", ["eval_ce", "perplexity", "top1_accuracy", "ece"]),
+    ("Likelihood on the data", ["eval_ce", "perplexity", "bits_per_byte", "top1_accuracy", "ece"]),
     ("Fidelity to the teacher", ["top1_agreement", "forward_kl", "reverse_kl", "draft_acceptance",
                                  "draft_expected_tokens"]),
+    ("Fidelity on aligned spans (a model on another tokenizer)",
+     ["aligned_forward_kl", "aligned_uld", "aligned_top1_agreement", "aligned_token_share"]),
     ("Generation", ["teacher_nll", "valid_python", "distinct_1", "distinct_2"]),
     ("Speed", ["generate_tokens_per_s_batch1", "generate_tokens_per_s_batched", "forward_tokens_per_s"]),
     ("As the teacher's draft (speculative sampling, measured)",
      ["spec_acceptance_measured", "spec_acceptance_expected", "spec_acceptance_z", "spec_tokens_per_step",
       "spec_teacher_tokens_per_s", "spec_assisted_tokens_per_s", "spec_speedup"]),
 ]
-PERCENT = {"top1_accuracy", "top1_agreement", "valid_python", "draft_acceptance", "spec_acceptance_measured",
-           "spec_acceptance_expected"}
+PERCENT = {"top1_accuracy", "top1_agreement", "aligned_top1_agreement", "aligned_token_share", "valid_python",
+           "draft_acceptance", "spec_acceptance_measured", "spec_acceptance_expected"}
 ARROWS = {"min": "↓", "max": "↑"}
 
 
@@ -520,8 +522,8 @@ def _summary(results: dict, names: list[str], colors: dict[str, str]) -> str:
 
 def _charts(results: dict, colors: dict[str, str]) -> str:
     images = [bar_chart(results, key, colors) for key in
-              ("perplexity", "top1_accuracy", "top1_agreement", "forward_kl", "reverse_kl", "teacher_nll",
-               "valid_python")]
+              ("perplexity", "bits_per_byte", "top1_accuracy", "top1_agreement", "forward_kl", "reverse_kl",
+               "aligned_forward_kl", "teacher_nll", "valid_python")]
     images += [speed_chart(results, colors), bar_chart(results, "forward_tokens_per_s", colors)]
     figures = "".join(f"<figure><img alt='chart' src='{src}'></figure>" for src in images if src)
     if not figures:

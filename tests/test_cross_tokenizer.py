@@ -334,11 +334,16 @@ def test_aligner_batch_indices_mask_and_teacher_length(zoo):
     assert T_t > 12
 
 
-def test_distill_eval_refuses_another_tokenizer_and_points_to_the_aligned_metrics(zoo, tmp_path):
+def test_distill_eval_aligns_another_tokenizer_and_refuses_one_it_cannot_align(zoo, tmp_path):
     from distill.errors import UserError
-    from distill.evaluate import _load_tokenizer
+    from distill.evaluate import _load_tokenizers
 
-    zoo["bpe8k"].save_pretrained(tmp_path / "teacher")
-    zoo["unigram"].save_pretrained(tmp_path / "student")
-    with pytest.raises(UserError, match=r"model 'student'.*loss.cross_tokenizer"):
-        _load_tokenizer({"teacher": str(tmp_path / "teacher"), "student": str(tmp_path / "student")})
+    for name in ("bpe8k", "bpe1k", "unigram", "wordpiece"):
+        zoo[name].save_pretrained(tmp_path / name)
+    paths = {n: str(tmp_path / n) for n in ("bpe8k", "bpe1k", "unigram")}
+    tokenizer, foreign = _load_tokenizers({"teacher": paths["bpe8k"], "same": paths["bpe8k"], "b": paths["bpe1k"],
+                                           "u": paths["unigram"]})
+    assert len(tokenizer) == len(zoo["bpe8k"]) and sorted(foreign) == ["b", "u"]
+    assert len(foreign["u"][0]) == len(zoo["unigram"]) and foreign["u"][1].teacher_tokenizer is foreign["u"][0]
+    with pytest.raises(UserError, match=r"model 'wp' is on another tokenizer.*WordPiece"):
+        _load_tokenizers({"teacher": paths["bpe8k"], "wp": str(tmp_path / "wordpiece")})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -148,3 +149,70 @@ def test_refusals_are_one_line(pair):
               "train": {"output_dir": str(pair / "refuse_cache")}}
     result = run_cli("train", str(write_config(pair / "refuse_cache.yaml", config)))
     assert result.returncode == 2 and "top-k cache" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_scores_a_model_on_another_tokenizer_with_the_teacher_on_the_same_text(pair):
+    """`distill eval` with a teacher on tok_a, a copy of it, and two students on tok_b (CE-only and the
+    hybrid): one table, bits per byte for all, aligned fidelity for the tok_b models, and the hybrid
+    closer to the teacher on aligned spans than the CE-only student."""
+    longer = {"max_steps": 60, "eval_every": 0, "eval_at_start": False}
+    ok, ce_only = run(pair, "ev_ce", loss={"kd_weight": 0.0, "ce_weight": 1.0, "cross_tokenizer": {}}, train=longer)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    ok, hybrid = run(pair, "ev_hybrid", loss={"cross_tokenizer": {"exact_weight": 1.0, "uld_weight": 1.0}},
+                     train=longer)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    teacher = str(pair / "teacher" / "student")
+    result = run_cli("eval", "--teacher", teacher, "--model", f"self={teacher}",
+                     "--model", f"ce={ce_only / 'student'}", "--model", f"hybrid={hybrid / 'student'}",
+                     "--data", str(pair / "eval.jsonl"), "--max-length", "48", "--prompts", "4",
+                     "--max-new-tokens", "12", "--draft-prompts", "2", "--out", str(pair / "ev_out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((pair / "ev_out" / "eval.json").read_text())
+    models = results["models"]
+    assert results["settings"]["other_tokenizers"] == ["ce", "hybrid"]
+    assert models["self"]["tokenizer"] == "shared" and models["hybrid"]["tokenizer"].endswith("student")
+    for name in ("teacher", "self", "ce", "hybrid"):
+        assert models[name]["bits_per_byte"] > 0, name
+    assert models["self"]["bits_per_byte"] == pytest.approx(models["teacher"]["bits_per_byte"], rel=1e-6)
+    assert models["self"]["aligned_forward_kl"] is None and models["self"]["forward_kl"] == pytest.approx(0, abs=1e-6)
+    for name in ("ce", "hybrid"):
+        m = models[name]
+        assert m["forward_kl"] is None and m["top1_agreement"] is None and m["spec_acceptance_measured"] is None
+        assert m["aligned_forward_kl"] > 0 and 0 <= m["aligned_top1_agreement"] <= 1
+        assert 0.5 < m["aligned_token_share"] <= 1 and m["aligned_spans"] > 0
+        assert m["teacher_nll"] > 0 and m["generate_tokens_per_s_batch1"] > 0 and m["completion_tokens"] > 0
+        assert all(name in s["completions"] for s in results["samples"])
+    assert models["hybrid"]["aligned_forward_kl"] < models["ce"]["aligned_forward_kl"]
+    assert models["self"]["spec_acceptance_measured"] is not None  # the same tokenizer can still draft
+    html = (pair / "ev_out" / "report.html").read_text()
+    assert "aligned forward KL" in html and "bits per byte" in html
+    assert "bits per byte" in result.stdout
+
+
+def test_foreign_scoring_with_the_same_tokenizer_reduces_to_the_ordinary_one(pair):
+    """The aligned path with identical tokenizers: the same CE per token, bits per byte (against a
+    byte count from decoding each ASCII token), KL 0 and agreement 1 on every span."""
+    from distill.data import load_tokenized
+    from distill.evaluate import bits_per_byte, foreign_metrics, likelihood_metrics, predicted_bytes
+    from distill.models import load_causal_lm, load_tokenizer
+    from distill.teachers.cross import Aligner
+
+    teacher_dir = pair / "teacher" / "student"
+    tok = load_tokenizer(str(teacher_dir))
+    model = load_causal_lm(str(teacher_dir)).eval()
+    dataset = load_tokenized(str(pair / "eval.jsonl"), tokenizer=tok, format="text", packing=True, max_length=40)
+    plain = likelihood_metrics({"m": model}, dataset, teacher=None, vocab_size=len(tok), batch_size=4,
+                               pad_token_id=tok.pad_token_id, device="cpu")["m"]
+    aligned = foreign_metrics(model, Aligner(tok, tok), dataset, vocab_size=len(tok), teacher=model,
+                              teacher_vocab_size=len(tok), batch_size=3, pad_token_id=tok.pad_token_id, device="cpu")
+    assert aligned["eval_tokens"] == plain["eval_tokens"]
+    assert aligned["eval_ce"] == pytest.approx(plain["eval_ce"], rel=1e-5)
+    assert aligned["top1_accuracy"] == pytest.approx(plain["top1_accuracy"], abs=1e-9)
+    n_bytes = sum(len(tok.decode([t]).encode()) for row in dataset["labels"] for t in row[1:]
+                  if t != -100 and t not in tok.all_special_ids)
+    assert predicted_bytes(dataset, tok) == n_bytes == aligned["predicted_bytes"]
+    assert bits_per_byte(plain, n_bytes) == pytest.approx(
+        plain["eval_ce"] * plain["eval_tokens"] / n_bytes / math.log(2), rel=1e-12)
+    assert aligned["aligned_forward_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert aligned["aligned_uld"] == pytest.approx(0.0, abs=1e-6)
+    assert aligned["aligned_top1_agreement"] == 1.0 and aligned["aligned_token_share"] == pytest.approx(1.0)

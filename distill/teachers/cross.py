@@ -6,8 +6,9 @@ BPE and SentencePiece-style tokenizers, so the student's ids are never re-derive
 The teacher's byte ends come from its offsets, refined to exact byte positions when its tokens spell
 the text (byte-level BPE), so even the pieces of one multibyte character align one to one.
 Special tokens split a row into segments: a student EOS becomes the teacher's EOS (the pair is in
-the shared vocabulary), a leading BOS is the student's first predictor, and the teacher gets its own
-BOS when its tokenizer adds one. Each segment's text is tokenized by the teacher with offsets, and
+the shared vocabulary; a packed row's leading EOS too, unless the teacher's tokenizer puts a BOS
+first), a leading BOS is the student's first predictor, and the teacher gets its own BOS when its
+tokenizer adds one. Each segment's text is tokenized by the teacher with offsets, and
 the spans between common byte boundaries are the aligned positions. A span is trained on when all
 its student tokens are supervised and both sides have a token before it to predict it from.
 """
@@ -96,7 +97,8 @@ class Aligner:
         i = 0
         while i < len(ids):
             if self.student_bytes[ids[i]] is None:  # a special token
-                if ids[i] == self.student_eos and self.teacher_eos is not None and i > 0:
+                # an EOS maps to the teacher's; a leading one too when the teacher puts no BOS first
+                if ids[i] == self.student_eos and self.teacher_eos is not None and (i > 0 or not teacher):
                     prev_aligned = (spans and spans[-1][1] == len(teacher) and spans[-1][3] == i)
                     if prev_aligned:
                         spans.append((len(teacher), len(teacher) + 1, i, i + 1))
