@@ -68,40 +68,56 @@ class StepBatches:
 
 
 Generate = Callable[[list[list[int]], list[int]], list[Completion]]  # (prompts, seeds) -> completions
+# (the teacher's own prompt ids, the sampled completion ids, ended) -> the teacher's (ids, labels) of the row
+TeacherRow = Callable[[list[int], list[int], bool], tuple[list[int], list[int]]]
 
 
 def sampled_batches(rows: list[dict], examples: list[list[int]], *, step: int, seed: int, num_generations: int,
-                    generate: Generate, eos_token_id: int, pad_token_id: int, device) -> tuple[list[dict], dict]:
+                    generate: Generate, eos_token_id: int, pad_token_id: int, device,
+                    teacher_row: Optional[TeacherRow] = None) -> tuple[list[dict], dict]:
     """Micro-batches of sampled completions for the prompts of ``rows`` (one dict of ``input_ids`` /
     ``labels`` lists per micro-batch) of training examples ``examples``: ``num_generations`` rows per
-    prompt, all sampled in one ``generate`` call so the step's sampling is batched.
+    prompt, all sampled in one ``generate`` call so the step's sampling is batched. Rows that carry
+    a cross-tokenizer teacher's own rendering (``teacher_input_ids`` / ``teacher_labels``, chat data)
+    get ``teacher_rows`` too: its own prompt with the completion in its tokens (``teacher_row``).
     Returns (collated micro-batches, {"tokens", "seconds", "records"})."""
-    prompts, seeds, owners = [], [], []
+    prompts, seeds, owners, t_prompts = [], [], [], []
     for m, (batch_rows, indices) in enumerate(zip(rows, examples)):
-        for ids, labels, example in zip(batch_rows["input_ids"], batch_rows["labels"], indices):
+        paired = teacher_row is not None and "teacher_input_ids" in batch_rows
+        for r, (ids, labels, example) in enumerate(zip(batch_rows["input_ids"], batch_rows["labels"], indices)):
             prompt = prompt_of(ids, labels)
+            t_prompt = prompt_of(batch_rows["teacher_input_ids"][r], batch_rows["teacher_labels"][r]) if paired else None
             for j in range(num_generations):
                 prompts.append(prompt)
                 seeds.append(row_seed(seed, step, example, j))
                 owners.append((m, example, j))
+                t_prompts.append(t_prompt)
     tic = time.perf_counter()
     completions = generate(prompts, seeds)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - tic
     per_batch: list[list[dict]] = [[] for _ in rows]
+    t_rows: list[list[tuple]] = [[] for _ in rows]
     records = []
-    for prompt, completion, row_seed_value, (m, example, j) in zip(prompts, completions, seeds, owners):
+    for prompt, completion, row_seed_value, (m, example, j), t_prompt in zip(prompts, completions, seeds, owners,
+                                                                              t_prompts):
         per_batch[m].append(sampled_example(prompt, completion, eos_token_id))
+        if t_prompt is not None:
+            t_rows[m].append(teacher_row(t_prompt, list(completion.ids), completion.ended))
         records.append({"example": example, "generation": j, "seed": row_seed_value, "ended": completion.ended,
                         "prompt_ids": list(prompt), "completion_ids": list(completion.ids)})
     batches = [{k: v.to(device) for k, v in collate(b, pad_token_id=pad_token_id).items()} for b in per_batch]
+    for batch, paired in zip(batches, t_rows):
+        if paired:
+            batch["teacher_rows"] = paired
     tokens = sum(len(c.ids) + c.ended for c in completions)
     return batches, {"tokens": tokens, "seconds": seconds, "records": records}
 
 
 def step_batches(dataset, indices: list[list[int]], *, step: int, source: str, seed: int, num_generations: int,
-                 pad_token_id: int, eos_token_id: int, device, generate: Optional[Generate] = None) -> StepBatches:
+                 pad_token_id: int, eos_token_id: int, device, generate: Optional[Generate] = None,
+                 teacher_row: Optional[TeacherRow] = None) -> StepBatches:
     """The micro-batches of optimizer step ``step`` for the examples ``indices`` (one list per
     micro-batch): the data as it is, or (source "student" / "teacher") sampled completions of its
     prompts with ``generate``."""
@@ -112,5 +128,5 @@ def step_batches(dataset, indices: list[list[int]], *, step: int, source: str, s
         raise ValueError(f"source {source!r} needs a generate function")
     batches, made = sampled_batches(rows, indices, step=step, seed=seed, num_generations=num_generations,
                                     generate=generate, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                    device=device)
+                                    device=device, teacher_row=teacher_row)
     return StepBatches(batches, indices, source, made["tokens"], made["seconds"], made["records"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -50,12 +51,16 @@ def shared_vocab(config: Config, tok_name: str, tokenizer) -> int:
     return shared_vocab_size(tokenizer, teacher_tokenizer)
 
 
-def training_data_args(config: Config, tokenizer) -> dict:
-    """``load_tokenized`` arguments: the one definition of how training (and its cache) sees the data."""
+def training_data_args(config: Config, tokenizer, *, teacher_tokenizer=None,
+                       teacher_max_length: Optional[int] = None) -> dict:
+    """``load_tokenized`` arguments: the one definition of how training (and its cache) sees the data.
+    ``teacher_tokenizer``: a teacher on another tokenizer, which reads chat rows in its own template."""
     d = config.data
+    extra = (dict(teacher_tokenizer=teacher_tokenizer, teacher_max_length=teacher_max_length)
+             if teacher_tokenizer is not None else {})
     return dict(tokenizer=tokenizer, format=d.format, max_length=d.max_length, packing=d.packing,
                 text_field=d.text_field, prompt_field=d.prompt_field, completion_field=d.completion_field,
-                messages_field=d.messages_field, cache_dir=data_cache_dir())
+                messages_field=d.messages_field, cache_dir=data_cache_dir(), **extra)
 
 
 def data_cache_dir() -> Path:
@@ -83,4 +88,7 @@ def fetch(dataset, indices: list[int], pad_token_id: int, device) -> dict:
     """Rows ``indices`` of a tokenized dataset, collated (right padding) and on ``device``."""
     rows = dataset[indices]
     examples = [dict(input_ids=i, labels=l) for i, l in zip(rows["input_ids"], rows["labels"])]
-    return {k: v.to(device) for k, v in collate(examples, pad_token_id=pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in collate(examples, pad_token_id=pad_token_id).items()}
+    if "teacher_input_ids" in rows:  # chat rows in a cross-tokenizer teacher's own template: (ids, labels) lists
+        batch["teacher_rows"] = list(zip(rows["teacher_input_ids"], rows["teacher_labels"]))
+    return batch

@@ -154,7 +154,8 @@ def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, 
     mask = labels != -100
     tokens = labels[mask]  # (N,)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    signal: Optional[TeacherSignal] = (teacher.signal(inputs, mask, examples, want=s.want, tokens=tokens)
+    asked = inputs | ({"teacher_rows": batch["teacher_rows"]} if "teacher_rows" in batch else {})
+    signal: Optional[TeacherSignal] = (teacher.signal(asked, mask, examples, want=s.want, tokens=tokens)
                                        if teacher is not None else None)
     teacher_ok = signal.ok if signal is not None else None
     head = _unwrap(student).model.get_output_embeddings()
@@ -314,7 +315,8 @@ def aligned_fidelity(student: nn.Module, teacher: CrossTokenizerTeacher, dataset
             inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             mask = batch["labels"][:, 1:] != -100
             with accelerator.autocast():
-                signal = teacher.signal(inputs, mask, want="aligned")
+                signal = teacher.signal(inputs | ({"teacher_rows": batch["teacher_rows"]} if "teacher_rows" in batch
+                                                  else {}), mask, want="aligned")
                 hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state.flatten(0, 1)
             a = signal.aligned.alignment
             t_logits = signal.aligned.logits().float()  # (N, V_t)
@@ -589,7 +591,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # Data, tokenized once and cached.
     d = config.data
-    data_args = training_data_args(config, tokenizer)
+    data_args = training_data_args(config, tokenizer, **(dict(  # chat rows: the teacher reads its own template
+        teacher_tokenizer=teacher_tokenizer, teacher_max_length=aligner.max_teacher_length) if cross is not None else {}))
     with accelerator.main_process_first():
         train_set = load_tokenized(d.train, split=d.train_split, max_examples=d.max_train_examples, **data_args)
         eval_set = (load_tokenized(d.eval, split=d.eval_split, max_examples=d.max_eval_examples, **data_args)
@@ -691,7 +694,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             made: StepBatches = step_batches(
                 train_set, indices, step=step, source=source, seed=t.seed, num_generations=g.num_generations,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, device=accelerator.device,
-                generate=generate_with(source) if source != "data" else None)
+                generate=generate_with(source) if source != "data" else None,
+                teacher_row=aligner.sampled_row if cross is not None else None)
             batches = made.batches
             step_tic = time.perf_counter()
             local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)

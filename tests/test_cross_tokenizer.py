@@ -347,3 +347,91 @@ def test_distill_eval_aligns_another_tokenizer_and_refuses_one_it_cannot_align(z
     assert len(foreign["u"][0]) == len(zoo["unigram"]) and foreign["u"][1].teacher_tokenizer is foreign["u"][0]
     with pytest.raises(UserError, match=r"model 'wp' is on another tokenizer.*WordPiece"):
         _load_tokenizers({"teacher": paths["bpe8k"], "wp": str(tmp_path / "wordpiece")})
+
+
+# --------------------------------------------------------------------------------------------- chat templates
+
+
+CHAT = [{"role": "user", "content": "Write a greeting with an emoji 😀 and some 中文"},
+        {"role": "assistant", "content": "Héllo there 👋🏽, naïve friend. 你好！"},
+        {"role": "user", "content": "And code?"},
+        {"role": "assistant", "content": "def f(x):\n    return x  # done"}]
+
+
+@pytest.mark.parametrize("pair", [("bpe1k", "chatml", "unigram", "inst"), ("unigram", "inst", "bpe8k", "chatml"),
+                                  ("bpe1k", "chatml", "bpe8k", "chatml")])
+def test_chat_rows_align_each_sides_own_template_on_the_assistant_text(zoo, pair):
+    """Each side renders the conversation with its own template; the spans pair the assistant turns'
+    text byte for byte, never template text, and cover the turns up to a first word whose leading
+    space one template glues to it."""
+    from distill.data.formats import chat_encoder, special_prefix
+    from distill.teachers.cross import Aligner
+    from tokenizer_zoo import with_chat_template
+
+    s_name, s_style, t_name, t_style = pair
+    student, teacher = with_chat_template(zoo[s_name], s_style), with_chat_template(zoo[t_name], t_style)
+    encode = lambda tok: chat_encoder(tok, eos_id=tok.eos_token_id, prefix=special_prefix(tok))(CHAT, "row 0")  # noqa: E731
+    (s_ids, s_labels), (t_ids, t_labels) = encode(student), encode(teacher)
+    aligner = Aligner(teacher, student)
+    got_ids, spans = aligner.chat_row(s_ids, s_labels, t_ids, t_labels)
+    assert got_ids == t_ids  # the teacher reads its own rendering, not the student's
+    sb, tb = aligner.student_bytes, aligner.teacher_bytes
+    covered = b""
+    for t0, t1, s0, s1 in spans:
+        assert 1 <= s0 < s1 and 1 <= t0 < t1
+        assert all(s_labels[j] != -100 for j in range(s0, s1))  # student side: supervised tokens only
+        s_text = b"".join(sb[i] for i in s_ids[s0:s1]) if None not in [sb[i] for i in s_ids[s0:s1]] else None
+        t_text = b"".join(tb[i] for i in t_ids[t0:t1]) if None not in [tb[i] for i in t_ids[t0:t1]] else None
+        if s_text is None:  # the only special pair: EOS with EOS
+            assert s_ids[s0:s1] == [student.eos_token_id] and t_ids[t0:t1] == [teacher.eos_token_id]
+            continue
+        assert s_text == t_text
+        covered += s_text
+    for turn in (CHAT[1]["content"], CHAT[3]["content"]):
+        assert turn.split(" ", 1)[1].encode() in covered  # all but possibly the first word
+    assert b"INST" not in covered and b"assistant" not in covered and b"greeting" not in covered
+    same = s_name == t_name and s_style == t_style
+    if same:
+        assert s_ids == t_ids and all(t1 - t0 == 1 and s1 - s0 == 1 for t0, t1, s0, s1 in spans)
+        assert {s0 for _, _, s0, _ in spans} == {j for j in range(len(s_ids)) if s_labels[j] != -100
+                                                  and sb[s_ids[j]] is not None}
+
+
+def test_align_texts_skips_leading_whitespace_and_stops_at_the_first_difference():
+    from distill.teachers.cross import align_texts
+
+    # student "ab|cd|e", teacher " |abc|d|e": after the teacher's leading space, common boundaries 0, 4, 5
+    assert align_texts([b" ", b"abc", b"d", b"e"], [b"ab", b"cd", b"e"]) == [(1, 3, 0, 2), (3, 4, 2, 3)]
+    # a teacher turn cut after "abc": only the common prefix, up to a boundary both have
+    assert align_texts([b"ab", b"c"], [b"ab", b"cd", b"e"]) == [(0, 1, 0, 1)]
+    assert align_texts([b"xy"], [b"ab"]) == [] and align_texts([], []) == []
+
+
+def test_a_student_sample_on_a_chat_prompt_reaches_the_teacher_in_its_own_template(zoo):
+    """On-policy rows: the teacher's own rendering of the prompt, then the sampled text in its tokens
+    (cut before a special token and at the last whole character), then its EOS; the completion aligns."""
+    from distill.batches import prompt_of
+    from distill.data.formats import chat_encoder, special_prefix
+    from distill.teachers.cross import Aligner
+    from tokenizer_zoo import with_chat_template
+
+    student, teacher = with_chat_template(zoo["bpe1k"], "chatml"), with_chat_template(zoo["unigram"], "inst")
+    encode = lambda tok: chat_encoder(tok, eos_id=tok.eos_token_id, prefix=special_prefix(tok))(CHAT[:2], "row 0")  # noqa: E731
+    (s_ids, s_labels), (t_ids, t_labels) = encode(student), encode(teacher)
+    s_prompt, t_prompt = prompt_of(s_ids, s_labels), prompt_of(t_ids, t_labels)
+    aligner = Aligner(teacher, student)
+    sample = student("Sure: 😀 done", add_special_tokens=False)["input_ids"]
+    im_end = student.convert_tokens_to_ids("<|im_end|>")
+    ids, labels = aligner.sampled_row(t_prompt, sample + [im_end, 5, 6], ended=True)
+    completion = ids[len(t_prompt):]
+    assert ids[:len(t_prompt)] == t_prompt and all(x == -100 for x in labels[:len(t_prompt)])
+    assert completion[-1] == teacher.eos_token_id and labels[len(t_prompt):] == completion
+    assert teacher.decode(completion[:-1]) == "Sure: 😀 done"  # the text before the special token
+    cut = aligner.sampled_row(t_prompt, sample[:-3], ended=False)[0][len(t_prompt):]  # "Sure: 😀" or a piece of it
+    assert "\ufffd" not in teacher.decode(cut) and teacher.eos_token_id not in cut
+    row = s_prompt + sample + [student.eos_token_id]
+    _, spans = aligner.chat_row(row, [-100] * len(s_prompt) + sample + [student.eos_token_id], ids, labels)
+    covered = b"".join(b"".join(aligner.student_bytes[t] for t in row[s0:s1]) for _, _, s0, s1 in spans
+                       if row[s0] != student.eos_token_id)
+    assert covered.endswith(b"done") and "😀".encode() in covered
+    assert (len(ids) - 1, len(ids), len(row) - 1, len(row)) in spans  # EOS with EOS

@@ -45,14 +45,15 @@ def pair(tmp_path_factory):
     return root
 
 
-def run(root, name, *, tokenizer="tok_b", loss=None, train=None, data=None, env=None):
+def run(root, name, *, tokenizer="tok_b", loss=None, train=None, data=None, env=None, generation=None):
     config = {"teacher": {"model": str(root / "teacher" / "student")},
               "student": {"config": STUDENT, "tokenizer": str(root / tokenizer)},
               "data": {"train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"), "max_length": 64,
                        **(data or {})},
               "loss": {"kd_weight": 1.0, "ce_weight": 0.0, **(loss or {})},
               "train": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "tracker": "none", "progress": False,
-                        "eval_every": 30, "eval_at_start": True, "output_dir": str(root / name), **(train or {})}}
+                        "eval_every": 30, "eval_at_start": True, "output_dir": str(root / name), **(train or {})},
+              **({"generation": generation} if generation else {})}
     result = run_cli("train", str(write_config(root / f"{name}.yaml", config)), env=env)
     return result, root / name
 
@@ -216,3 +217,59 @@ def test_foreign_scoring_with_the_same_tokenizer_reduces_to_the_ordinary_one(pai
     assert aligned["aligned_forward_kl"] == pytest.approx(0.0, abs=1e-6)
     assert aligned["aligned_uld"] == pytest.approx(0.0, abs=1e-6)
     assert aligned["aligned_top1_agreement"] == 1.0 and aligned["aligned_token_share"] == pytest.approx(1.0)
+
+
+def test_chat_data_trains_with_each_side_reading_its_own_template(pair):
+    """Chat rows on a ChatML student tokenizer and a teacher without a chat template (its fallback
+    format): the teacher's rows are its own rendering (teacher_input_ids in the tokenized data) and the
+    hybrid lowers the aligned KL on the assistant turns."""
+    from distill.data import load_tokenized
+    from distill.models import load_tokenizer
+    from tests.tokenizer_zoo import with_chat_template
+
+    with_chat_template(load_tokenizer(str(pair / "tok_b")), "chatml").save_pretrained(pair / "tok_b_chat")
+    for split in ("pc_train", "pc_eval"):
+        rows = [json.loads(line) for line in (pair / f"{split}.jsonl").read_text().splitlines()]
+        (pair / f"{split}_chat.jsonl").write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}) + "\n"
+            for r in rows))
+    chat = {"train": str(pair / "pc_train_chat.jsonl"), "eval": str(pair / "pc_eval_chat.jsonl"), "format": "chat",
+            "max_length": 256}
+    ok, run_dir = run(pair, "chat_hybrid", tokenizer="tok_b_chat", data=chat,
+                      loss={"kd_weight": 0.7, "ce_weight": 0.3, "cross_tokenizer": {"uld_weight": 0.5}},
+                      train={"max_steps": 40, "eval_every": 40})
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    first, last = evals(run_dir)[0], evals(run_dir)[-1]
+    assert last["eval/aligned_spans"] > 0 and 0.5 < last["eval/aligned_token_share"] <= 1.0
+    assert last["eval/aligned_forward_kl"] < 0.8 * first["eval/aligned_forward_kl"]
+
+    student_tok, teacher_tok = load_tokenizer(str(pair / "tok_b_chat")), load_tokenizer(str(pair / "tok_a"))
+    data = load_tokenized(chat["eval"], tokenizer=student_tok, format="chat", max_length=256,
+                          teacher_tokenizer=teacher_tok, teacher_max_length=256)
+    row = data[0]
+    assert student_tok.convert_tokens_to_ids("<|im_start|>") in row["input_ids"]
+    text = teacher_tok.decode(row["teacher_input_ids"])
+    assert text.startswith("user: ") and "\nassistant: " in text and "im_start" not in text  # its fallback format
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion"])
+def test_on_policy_steps_score_the_students_samples_with_the_other_tokenizer(pair, fmt):
+    """generation.lmbda = 1 in cross-tokenizer mode: the student samples, the teacher scores the
+    samples' text on aligned spans (for chat, after its own rendering of the prompt), and the aligned KL
+    on the eval data falls."""
+    if fmt == "chat" and not (pair / "pc_train_chat.jsonl").exists():
+        pytest.skip("needs the chat data of test_chat_data_trains_with_each_side_reading_its_own_template")
+    suffix = "_chat" if fmt == "chat" else ""
+    data = {"train": str(pair / f"pc_train{suffix}.jsonl"), "eval": str(pair / f"pc_eval{suffix}.jsonl"),
+            "format": fmt, "max_length": 220}
+    ok, run_dir = run(pair, f"onpolicy_{fmt}", tokenizer="tok_b_chat" if fmt == "chat" else "tok_b", data=data,
+                      loss={"kd_weight": 1.0, "ce_weight": 0.0, "cross_tokenizer": {"uld_weight": 0.5}},
+                      train={"max_steps": 20, "eval_every": 20, "log_every": 5},
+                      generation={"lmbda": 1.0, "max_new_tokens": 24})
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    logs = [m for m in read_metrics(run_dir / "metrics.jsonl") if "kd" in m]
+    assert logs and sum(m["steps_student"] for m in logs) == 20 and all(m["time/align_s"] > 0 for m in logs)
+    first, last = evals(run_dir)[0], evals(run_dir)[-1]
+    assert last["eval/aligned_forward_kl"] < 0.9 * first["eval/aligned_forward_kl"]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["source"] == "student" and s["completion_ids"] for s in samples)

@@ -83,3 +83,26 @@ def corpus_texts(limit_chars: int = 400_000) -> list[str]:
         if total >= limit_chars:
             break
     return out
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] | trim }} [/INST]"
+        "{% else %} {{ m['content'] | trim }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def with_chat_template(tok: PreTrainedTokenizerFast, style: str) -> PreTrainedTokenizerFast:
+    """A copy of ``tok`` with a chat template: "chatml" (``<|im_start|>`` / ``<|im_end|>`` added as special
+    tokens, Qwen-style) or "inst" (plain-text ``[INST]`` markers, contents trimmed, EOS after each answer,
+    Llama-2-style)."""
+    import copy
+
+    tok = copy.deepcopy(tok)
+    if style == "chatml":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHATML
+    elif style == "inst":
+        tok.chat_template = INST
+    else:
+        raise ValueError(style)
+    return tok

@@ -30,7 +30,9 @@ Formats:
   of each other (e.g. one that rewrites earlier turns) is refused with ``DataError``. Tokens that
   overlap an assistant span are supervised. Without a chat template the fallback format is
   ``"{role}: "`` + ``content + "\\n"`` per turn, with EOS after each assistant turn; the assistant
-  content, its newline and that EOS are supervised.
+  content, its newline and that EOS are supervised. With ``teacher_tokenizer`` (a teacher on another
+  tokenizer), each conversation is also rendered with the teacher's own template (or its fallback),
+  in columns ``teacher_input_ids`` / ``teacher_labels``, truncated to ``teacher_max_length``.
 
 - ``prompt``: prompt-only data for on-policy distillation (``prompt_field`` and no completion):
   ``prefix + prompt`` with nothing supervised; the completions are sampled during training. A
@@ -73,6 +75,14 @@ _FEATURES = datasets.Features(
     {
         "input_ids": datasets.List(datasets.Value("int32")),
         "labels": datasets.List(datasets.Value("int32")),
+    }
+)
+_PAIRED_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "teacher_input_ids": datasets.List(datasets.Value("int32")),
+        "teacher_labels": datasets.List(datasets.Value("int32")),
     }
 )
 
@@ -327,6 +337,40 @@ def encode_chat_fallback(
     return ids, labels
 
 
+def chat_encoder(tokenizer, *, eos_id: int, prefix: list[int], role: str = ""):
+    """``encode(messages, where) -> (ids, labels)`` for one tokenizer: its ``{% generation %}``
+    template, any other template (prefix renderings), or the fallback format without one. ``where``
+    names the row in errors; ``role`` ("teacher") names whose template failed."""
+    template = chat_template_of(tokenizer)
+    whose = f"the {role}'s chat template" if role else "the chat template"
+    if template and not _GENERATION_TAG.search(template) and not tokenizer.is_fast:
+        raise DataError(
+            f"chat data with {whose if role else 'this chat template'} needs a fast tokenizer (character "
+            "offsets) or a template with {% generation %} markers"
+        )
+
+    def encode(messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        try:
+            if template is None:
+                return encode_chat_fallback(messages, tokenizer=tokenizer, eos_id=eos_id, prefix=prefix)
+            if _GENERATION_TAG.search(template):
+                return encode_chat_generation(messages, tokenizer=tokenizer)
+            return encode_chat_prefix(messages, tokenizer=tokenizer)
+        except NotPrefixStable as e:
+            raise DataError(
+                f"{where}: {whose} is not prefix-stable ({e}), so assistant turns cannot be located; "
+                "use a template with {% generation %} markers"
+            ) from e
+        except DataError:
+            raise
+        except Exception as e:  # template errors (e.g. roles must alternate) are data errors
+            raise DataError(
+                f"{where}: {whose} cannot render these messages: {type(e).__name__}: {' '.join(str(e).split())}"
+            ) from e
+
+    return encode
+
+
 def encode_chat_generation(messages: list[dict], *, tokenizer) -> tuple[list[int], list[int]]:
     """A ``{% generation %}`` template: the tokenizer's assistant mask gives the labels."""
     out = tokenizer.apply_chat_template(
@@ -407,8 +451,11 @@ def tokenize_dataset(
     messages_field: str,
     fingerprint: str,
     locate: Callable[[Sequence[int]], list[str]] = row_numbers,
+    teacher_tokenizer=None,
+    teacher_max_length: int | None = None,
 ) -> datasets.Dataset:
-    """Tokenize ``raw`` in a concrete ``format``; returns columns ``input_ids`` and ``labels``.
+    """Tokenize ``raw`` in a concrete ``format``; returns columns ``input_ids`` and ``labels`` (and, for
+    chat with ``teacher_tokenizer``, the teacher's own rendering: see the module doc).
 
     ``fingerprint`` names the result in the ``datasets`` cache (it must change whenever any input
     does). ``locate`` turns 0-based row indices of ``raw`` into the places error messages name;
@@ -460,12 +507,10 @@ def tokenize_dataset(
             return ids, [IGNORE_INDEX] * len(ids)
 
     else:
-        template = chat_template_of(tokenizer)
-        if template and not _GENERATION_TAG.search(template) and not tokenizer.is_fast:
-            raise DataError(
-                "chat data with this chat template needs a fast tokenizer (character offsets) "
-                "or a template with {% generation %} markers"
-            )
+        student_chat = chat_encoder(tokenizer, eos_id=eos_id, prefix=prefix)
+        teacher_chat = (chat_encoder(teacher_tokenizer, eos_id=teacher_tokenizer.eos_token_id,
+                                     prefix=special_prefix(teacher_tokenizer), role="teacher")
+                        if teacher_tokenizer is not None else None)
 
         def encode_row(row, index):
             nonlocal empty_count
@@ -474,38 +519,25 @@ def tokenize_dataset(
                 empty_count += 1
                 if len(empty_turns) < SHOWN_PLACES:
                     empty_turns.append(index)
-            try:
-                if template is None:
-                    return encode_chat_fallback(
-                        messages, tokenizer=tokenizer, eos_id=eos_id, prefix=prefix
-                    )
-                if _GENERATION_TAG.search(template):
-                    return encode_chat_generation(messages, tokenizer=tokenizer)
-                return encode_chat_prefix(messages, tokenizer=tokenizer)
-            except NotPrefixStable as e:
-                raise DataError(
-                    f"{_at(locate, index)}: the chat template is not prefix-stable ({e}), so "
-                    "assistant turns cannot be located; use a template with {% generation %} "
-                    "markers"
-                ) from e
-            except DataError:
-                raise
-            except Exception as e:  # template errors (e.g. roles must alternate) are data errors
-                raise DataError(
-                    f"{_at(locate, index)}: the chat template cannot render these messages: "
-                    f"{type(e).__name__}: {' '.join(str(e).split())}"
-                ) from e
+            return student_chat(messages, _at(locate, index))
 
     columns = raw.column_names
+    paired = format == "chat" and teacher_tokenizer is not None
 
     def encode(batch, indices):
-        out = {"input_ids": [], "labels": []}
+        out = {"input_ids": [], "labels": []} | ({"teacher_input_ids": [], "teacher_labels": []} if paired else {})
         for offset, index in enumerate(indices):
             row = {name: batch[name][offset] for name in columns}
             kept = _truncate(*encode_row(row, index), max_length, prompt_only=format == "prompt")
             if kept is not None:
                 out["input_ids"].append(kept[0])
                 out["labels"].append(kept[1])
+                if paired:  # the same conversation in the teacher's own template, cut to its positions
+                    messages = _check_messages(row[messages_field], messages_field, index, locate)
+                    t_ids, t_labels = teacher_chat(messages, _at(locate, index))
+                    cap = teacher_max_length or len(t_ids)
+                    out["teacher_input_ids"].append(t_ids[:cap])
+                    out["teacher_labels"].append(t_labels[:cap])
         return out
 
     tokenized = raw.map(
@@ -513,7 +545,7 @@ def tokenize_dataset(
         batched=True,
         with_indices=True,
         remove_columns=columns,
-        features=_FEATURES,
+        features=_PAIRED_FEATURES if paired else _FEATURES,
         new_fingerprint=fingerprint,
         desc=f"Tokenizing {format}",
     )

@@ -33,6 +33,8 @@ def load_tokenized(
     messages_field: str = "messages",
     cache_dir: str | os.PathLike | None = None,
     max_examples: int | None = None,
+    teacher_tokenizer=None,
+    teacher_max_length: int | None = None,
 ) -> datasets.Dataset:
     """Load ``source`` and tokenize it into columns ``input_ids`` and ``labels``.
 
@@ -54,6 +56,9 @@ def load_tokenized(
             A second call with the same data, tokenizer and arguments loads from there without
             tokenizing. ``None``: no cache of ours.
         max_examples: use only the first N raw examples (before dropping and packing).
+        teacher_tokenizer: a teacher on another tokenizer (cross-tokenizer training): chat rows also
+            get the teacher's own rendering, ``teacher_input_ids`` / ``teacher_labels`` (at most
+            ``teacher_max_length`` tokens); other formats are unchanged.
 
     Returns:
         A dataset whose rows hold ``input_ids`` and ``labels``, lists of ints of equal length
@@ -94,6 +99,8 @@ def load_tokenized(
         "fields": [text_field, prompt_field, completion_field, messages_field],
         "max_examples": max_examples,
     }
+    if teacher_tokenizer is not None:
+        key["teacher"] = {"tokenizer": tokenizer_fingerprint(teacher_tokenizer), "max_length": teacher_max_length}
     fingerprint = cache_fingerprint(key)
     if cache_dir is not None:
         cached = load_cached(cache_dir, fingerprint)
@@ -128,6 +135,8 @@ def load_tokenized(
             messages_field=messages_field,
             fingerprint=fingerprint,
             locate=locate,
+            teacher_tokenizer=teacher_tokenizer,
+            teacher_max_length=teacher_max_length,
         )
     except UnicodeDecodeError as e:  # pyarrow can read bytes that are not UTF-8 into a string
         bad = first_bad_json(src) if src.builder == "json" else None

@@ -132,14 +132,72 @@ class Aligner:
             i = j
         return teacher, spans
 
-    def batch(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor) -> BatchAlignment:
+    def chat_row(self, ids: Sequence[int], labels: Sequence[int], t_ids: Sequence[int],
+                 t_labels: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+        """(teacher ids, spans) for a conversation rendered by each side's own chat template.
+
+        The k-th supervised run of the student row (an assistant turn: its text, then its end marker)
+        pairs with the k-th of the teacher's. Within a pair, the turn's text (the tokens before the first
+        special token) is aligned by bytes, after the leading whitespace each template puts there and up
+        to the longest common prefix (a run cut by truncation keeps its common part). A turn whose texts
+        differ otherwise is not aligned. The end markers are not compared (CE trains the student's),
+        except an EOS on both sides right after a fully aligned text (the pair is shared)."""
+        runs = lambda lab: [(a, b) for a, b in _runs(lab) if a >= 1]  # noqa: E731
+        spans: list[tuple[int, int, int, int]] = []
+        for (a0, a1), (b0, b1) in zip(runs(labels), runs(t_labels)):
+            a2, b2 = a0, b0
+            while a2 < a1 and self.student_bytes[ids[a2]] is not None:
+                a2 += 1
+            while b2 < b1 and self.teacher_bytes[t_ids[b2]] is not None:
+                b2 += 1
+            s_pieces = [self.student_bytes[t] for t in ids[a0:a2]]
+            t_pieces = [self.teacher_bytes[t] for t in t_ids[b0:b2]]
+            local = align_texts(t_pieces, s_pieces)
+            spans += [(b0 + t0, b0 + t1, a0 + s0, a0 + s1) for t0, t1, s0, s1 in local]
+            whole = (local and local[-1][1] == len(t_pieces) and local[-1][3] == len(s_pieces)) or (
+                not s_pieces and not t_pieces)
+            if (whole and a2 < a1 and b2 < b1 and ids[a2] == self.student_eos and t_ids[b2] == self.teacher_eos):
+                spans.append((b2, b2 + 1, a2, a2 + 1))
+        return list(t_ids), spans
+
+    def sampled_row(self, teacher_prompt: Sequence[int], completion: Sequence[int],
+                    ended: bool) -> tuple[list[int], list[int]]:
+        """The teacher's (ids, labels) of a student sample on a chat prompt: its own rendering of the
+        prompt, then the completion's text (its bytes up to the first special token, cut at the last
+        whole character) in its tokens, and its EOS when the student ended; capped at its positions."""
+        pieces = []
+        for t in completion:
+            if self.student_bytes[t] is None:
+                break
+            pieces.append(self.student_bytes[t])
+        data = b"".join(pieces)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            text = data[:error.start].decode("utf-8")
+        tail = list(self.teacher_tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if ended and self.teacher_eos is not None:
+            tail.append(self.teacher_eos)
+        ids, labels = list(teacher_prompt) + tail, [-100] * len(teacher_prompt) + tail
+        cap = self.max_teacher_length or len(ids)
+        return ids[:cap], labels[:cap]
+
+    def batch(self, input_ids: Tensor, attention_mask: Tensor, mask: Tensor,
+              teacher_rows: Optional[Sequence[tuple[Sequence[int], Sequence[int]]]] = None) -> BatchAlignment:
         """The alignment of a student micro-batch; ``mask`` (B, T−1): position t predicts token t+1 and is
-        supervised. Spans that are not fully supervised, or have no earlier token on a side, are left out."""
+        supervised. Spans that are not fully supervised, or have no earlier token on a side, are left out.
+        ``teacher_rows``: per row, the teacher's own (ids, labels) of the same conversation (chat data,
+        ``chat_row``); without them the teacher re-tokenizes each row's text (``row``)."""
         B, T = input_ids.shape
         lengths = attention_mask.sum(1).tolist()
         ids_rows = input_ids.tolist()
         sup = mask.tolist()
-        rows = [self.row(ids_rows[b][:lengths[b]]) for b in range(B)]
+        if teacher_rows is not None:
+            rows = [self.chat_row(ids_rows[b][:lengths[b]], [-100] + [ids_rows[b][j + 1] if sup[b][j] else -100
+                                                                       for j in range(lengths[b] - 1)],
+                                  *teacher_rows[b]) for b in range(B)]
+        else:
+            rows = [self.row(ids_rows[b][:lengths[b]]) for b in range(B)]
         if self.max_teacher_length is not None:
             cap = self.max_teacher_length
             rows = [(t[:cap], [span for span in spans if span[1] <= cap]) for t, spans in rows]
@@ -175,6 +233,39 @@ class Aligner:
             teacher_inputs=dict(input_ids=t_input.to(device), attention_mask=t_attn.to(device)),
             s_first=long(s_first), t_first=long(t_first), single=torch.tensor(single, dtype=torch.bool, device=device),
             span_tokens=long(counts), **{k: long(v) for k, v in merged.items()})
+
+
+def _runs(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal [start, end) runs of supervised tokens (label ≠ -100)."""
+    out, start = [], None
+    for j, label in enumerate(list(labels) + [-100]):
+        if label != -100 and start is None:
+            start = j
+        elif label == -100 and start is not None:
+            out.append((start, j))
+            start = None
+    return out
+
+
+def align_texts(teacher_pieces: Sequence[bytes], student_pieces: Sequence[bytes]) -> list[tuple[int, int, int, int]]:
+    """Spans (t0, t1, s0, s1) between two tokenizations of (nearly) the same text, given each token's
+    bytes: leading whitespace is skipped on each side, the texts are compared up to their longest
+    common prefix, and the spans run between the byte positions where both have a token boundary."""
+    s_text, t_text = b"".join(student_pieces), b"".join(teacher_pieces)
+    s_skip = len(s_text) - len(s_text.lstrip())
+    t_skip = len(t_text) - len(t_text.lstrip())
+    a, b = s_text[s_skip:], t_text[t_skip:]
+    limit = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    s_pos = [p - s_skip for p in itertools.accumulate((len(x) for x in student_pieces), initial=0)]
+    t_pos = [p - t_skip for p in itertools.accumulate((len(x) for x in teacher_pieces), initial=0)]
+    common = sorted({p for p in s_pos if 0 <= p <= limit} & {p for p in t_pos if 0 <= p <= limit})
+    if len(common) < 2:
+        return []
+    first, last = common[0], common[-1]
+    s0, s1 = s_pos.index(first), s_pos.index(last)
+    t0, t1 = t_pos.index(first), t_pos.index(last)
+    spans = align_spans([p - first for p in t_pos[t0 + 1:t1 + 1]], [p - first for p in s_pos[s0 + 1:s1 + 1]])
+    return [(t0 + span.t0, t0 + span.t1, s0 + span.s0, s0 + span.s1) for span in spans]
 
 
 @dataclass
@@ -238,7 +329,7 @@ class CrossTokenizerTeacher:
         if want != "aligned":
             raise ValueError("a teacher with another tokenizer answers only at aligned spans (want='aligned')")
         tic = time.perf_counter()
-        a = self.aligner.batch(inputs["input_ids"], inputs["attention_mask"], mask)
+        a = self.aligner.batch(inputs["input_ids"], inputs["attention_mask"], mask, inputs.get("teacher_rows"))
         self.align_seconds += time.perf_counter() - tic
         tic = time.perf_counter()
         try:
