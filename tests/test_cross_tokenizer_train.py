@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from distill.toy import write_prompt_completion, write_text
 from tests.conftest import write_config
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import read_metrics, run_cli, two_processes
 from tests.tokenizer_zoo import train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,23 @@ def run(root, name, *, tokenizer="tok_b", loss=None, train=None, data=None, env=
               **({"generation": generation} if generation else {})}
     result = run_cli("train", str(write_config(root / f"{name}.yaml", config)), env=env)
     return result, root / name
+
+
+def chat_files(root, max_length=256):
+    """The prompt/completion toy rows as one-turn chats, and tok_b with a ChatML template (its markers
+    added as special tokens); the teacher's tok_a has no chat template (its fallback format)."""
+    from distill.models import load_tokenizer
+    from tests.tokenizer_zoo import with_chat_template
+
+    if not (root / "tok_b_chat").exists():
+        with_chat_template(load_tokenizer(str(root / "tok_b")), "chatml").save_pretrained(root / "tok_b_chat")
+        for split in ("pc_train", "pc_eval"):
+            rows = [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+            (root / f"{split}_chat.jsonl").write_text("".join(json.dumps({"messages": [
+                {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}) + "\n"
+                for r in rows))
+    return {"train": str(root / "pc_train_chat.jsonl"), "eval": str(root / "pc_eval_chat.jsonl"), "format": "chat",
+            "max_length": max_length}
 
 
 def evals(run_dir):
@@ -225,16 +242,8 @@ def test_chat_data_trains_with_each_side_reading_its_own_template(pair):
     hybrid lowers the aligned KL on the assistant turns."""
     from distill.data import load_tokenized
     from distill.models import load_tokenizer
-    from tests.tokenizer_zoo import with_chat_template
 
-    with_chat_template(load_tokenizer(str(pair / "tok_b")), "chatml").save_pretrained(pair / "tok_b_chat")
-    for split in ("pc_train", "pc_eval"):
-        rows = [json.loads(line) for line in (pair / f"{split}.jsonl").read_text().splitlines()]
-        (pair / f"{split}_chat.jsonl").write_text("".join(json.dumps({"messages": [
-            {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}) + "\n"
-            for r in rows))
-    chat = {"train": str(pair / "pc_train_chat.jsonl"), "eval": str(pair / "pc_eval_chat.jsonl"), "format": "chat",
-            "max_length": 256}
+    chat = chat_files(pair)
     ok, run_dir = run(pair, "chat_hybrid", tokenizer="tok_b_chat", data=chat,
                       loss={"kd_weight": 0.7, "ce_weight": 0.3, "cross_tokenizer": {"uld_weight": 0.5}},
                       train={"max_steps": 40, "eval_every": 40})
@@ -257,11 +266,9 @@ def test_on_policy_steps_score_the_students_samples_with_the_other_tokenizer(pai
     """generation.lmbda = 1 in cross-tokenizer mode: the student samples, the teacher scores the
     samples' text on aligned spans (for chat, after its own rendering of the prompt), and the aligned KL
     on the eval data falls."""
-    if fmt == "chat" and not (pair / "pc_train_chat.jsonl").exists():
-        pytest.skip("needs the chat data of test_chat_data_trains_with_each_side_reading_its_own_template")
-    suffix = "_chat" if fmt == "chat" else ""
-    data = {"train": str(pair / f"pc_train{suffix}.jsonl"), "eval": str(pair / f"pc_eval{suffix}.jsonl"),
-            "format": fmt, "max_length": 220}
+    data = (chat_files(pair, max_length=220) if fmt == "chat" else
+            {"train": str(pair / "pc_train.jsonl"), "eval": str(pair / "pc_eval.jsonl"), "format": fmt,
+             "max_length": 220})
     ok, run_dir = run(pair, f"onpolicy_{fmt}", tokenizer="tok_b_chat" if fmt == "chat" else "tok_b", data=data,
                       loss={"kd_weight": 1.0, "ce_weight": 0.0, "cross_tokenizer": {"uld_weight": 0.5}},
                       train={"max_steps": 20, "eval_every": 20, "log_every": 5},
@@ -273,3 +280,26 @@ def test_on_policy_steps_score_the_students_samples_with_the_other_tokenizer(pai
     assert last["eval/aligned_forward_kl"] < 0.9 * first["eval/aligned_forward_kl"]
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["source"] == "student" and s["completion_ids"] for s in samples)
+
+
+def test_two_processes_match_one_on_chat_rows_in_cross_mode(pair):
+    """DDP in cross-tokenizer mode (chat rows with the teacher's own template): 2 processes x 4 rows give
+    the parameters and aligned eval metrics of 1 process x 8 rows (one global division by the step's
+    supervised tokens)."""
+    data = chat_files(pair)
+    hybrid = {"kd_weight": 0.7, "ce_weight": 0.3, "cross_tokenizer": {"uld_weight": 0.5}}
+    sgd = {"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "schedule": "constant", "max_grad_norm": 0.0,
+           "eval_at_start": False, "eval_every": 3}
+    ok, one = run(pair, "ddp_one", tokenizer="tok_b_chat", data=data, loss=hybrid, train={**sgd, "batch_size": 8})
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    config = {"teacher": {"model": str(pair / "teacher" / "student")},
+              "student": {"config": STUDENT, "tokenizer": str(pair / "tok_b_chat")}, "data": data, "loss": hybrid,
+              "train": {**sgd, "batch_size": 4, "tracker": "none", "progress": False,
+                        "output_dir": str(pair / "ddp_two")}}
+    two = run_cli("train", str(write_config(pair / "ddp_two.yaml", config)), launcher=two_processes(29523))
+    assert two.returncode == 0, two.stderr[-3000:]
+    _params_close(pair / "ddp_two", one, atol=2e-6)
+    a, b = evals(pair / "ddp_two")[-1], evals(one)[-1]
+    assert a["eval/aligned_spans"] == b["eval/aligned_spans"] > 0
+    for key in ("eval/aligned_forward_kl", "eval/aligned_uld", "eval/aligned_token_share"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
