@@ -7,6 +7,9 @@
 - ``sparse``: forward KL against top-k / sampled teacher targets (``sparse_forward_kl``,
   ``sparse_kd_loss``, ``SparseTargets``, ``topk_targets``, ``sampled_targets``).
 - ``vocab``: slicing padded vocabularies, checking that two tokenizers agree.
+- ``cross_tokenizer``: alignment by bytes, exact-match over shared tokens, ULD.
+- ``features``: hidden-state, attention-map, attention-relation (MiniLM v2), RKD and embedding losses,
+  layer maps and the learned width projection (imported as ``distill.losses.features``).
 """
 
 from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices, chunked_kd_loss
