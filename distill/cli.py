@@ -34,8 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     quick = verbs.add_parser("quickstart", help="the whole pipeline on the bundled teacher and corpus, offline",
                              description="Train a baseline and a distilled student on the bundled CPython corpus, "
                                          "evaluate them against the bundled teacher, write quickstart.json and "
-                                         "report.html.")
-    quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
+                                         "report.html. --task classify: the same for a sentiment classifier on "
+                                         "the bundled Rotten Tomatoes snippets (teacher trained first).")
+    quick.add_argument("--task", default="lm", choices=["lm", "classify"],
+                       help="lm: a causal LM on Python code (default); classify: a sentiment classifier")
+    quick.add_argument("--out", default=None,
+                       help="output directory (default: runs/quickstart, or runs/quickstart-classify)")
     quick.add_argument("--minutes", type=float, default=5.0,
                        help="length, as minutes on a 2-core CPU (sets the step count; default 5)")
     quick.add_argument("--steps", type=int, default=None, help="training steps per student (overrides --minutes)")
@@ -69,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "completions, speed. Writes eval.json and a self-contained report.html.")
     ev.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="a model to evaluate (repeat)")
     ev.add_argument("--teacher", metavar="PATH", help="the teacher: evaluated too, and the reference")
-    ev.add_argument("--data", metavar="SOURCE", help="text data (a file, folder, glob or hub id)")
+    ev.add_argument("--data", metavar="SOURCE", help="text data, or labelled rows for classifiers (a file, folder, glob or hub id)")
     ev.add_argument("--generated", metavar="DIR", help="score what `distill generate` wrote in DIR instead: lengths, "
                                                       "verification rate, distinctness, and the --teacher's NLL")
     ev.add_argument("--out", default="distill-eval", metavar="DIR", help="output directory (default: distill-eval)")
@@ -83,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, metavar="N", help="prompt choice and sampling seed (0)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    ev.add_argument("--text-field", default="text", metavar="NAME", help="classifiers: the text column (text)")
+    ev.add_argument("--text-pair-field", default=None, metavar="NAME", help="classifiers: a second text column")
+    ev.add_argument("--label-field", default="label", metavar="NAME", help="classifiers: the label column (label)")
     ev.add_argument("--draft-prompts", type=int, default=8, metavar="N",
                     help="prompts on which the teacher samples with each model as its speculative-decoding draft, "
                          "timed against the teacher alone (8; 0: none)")
@@ -126,12 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(load_config(args.config, args.overrides, stage=stage).to_dict(), sort_keys=False),
                   end="")
         elif args.verb == "quickstart":
-            from distill.quickstart import quickstart
-
             if (args.steps is not None and args.steps < 1) or args.minutes <= 0 or args.prompts < 0:
                 raise UserError("--steps and --minutes must be positive, --prompts >= 0")
-            quickstart(args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, prompts=args.prompts,
-                       max_eval_examples=args.max_eval_examples)
+            if args.task == "classify":
+                from distill.quickstart_classify import quickstart_classify
+
+                quickstart_classify(args.out or "runs/quickstart-classify", minutes=args.minutes, steps=args.steps,
+                                    seed=args.seed, max_eval_examples=args.max_eval_examples)
+            else:
+                from distill.quickstart import quickstart
+
+                quickstart(args.out or "runs/quickstart", minutes=args.minutes, steps=args.steps, seed=args.seed,
+                           prompts=args.prompts, max_eval_examples=args.max_eval_examples)
         elif args.verb == "train":
             from distill.training import train
 
@@ -249,6 +262,17 @@ def _eval(args) -> None:
             raise UserError(f"model {name!r} not found: {path}")
     for path in runs.values():
         read_run_metrics(path)  # a bad run directory fails now, not after the evaluation
+    from distill.evaluate_classify import evaluate_classifiers, is_classifier
+
+    if any(is_classifier(p) for p in [*models.values(), *([args.teacher] if args.teacher else [])]):
+        results = evaluate_classifiers(models, args.data, teacher=args.teacher, text_field=args.text_field,
+                                       text_pair_field=args.text_pair_field, label_field=args.label_field,
+                                       max_length=args.max_length, max_examples=args.max_examples,
+                                       batch_size=args.batch_size, speed=not args.no_speed, dtype=args.dtype)
+        json_path, html_path = write_report(results, args.out, runs=runs)
+        print(_eval_table(results))
+        print(f"\nwrote {json_path}\n      {html_path}")
+        return
     results = evaluate_models(models, args.data, teacher=args.teacher, max_length=args.max_length,
                               max_examples=args.max_examples, num_prompts=args.prompts,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
@@ -318,8 +342,11 @@ def _export(args) -> None:
 
 def _eval_table(results: dict) -> str:
     from distill.evaluate import METRICS
+    from distill.evaluate_classify import CLASS_METRICS
     from distill.report import cell_text, shown_keys
 
+    if results.get("task") == "classification":
+        METRICS = CLASS_METRICS  # noqa: N806
     names = list(results["models"])
     width = max(12, *(len(n) + 2 for n in names))
     keys = shown_keys(results, [k for k in METRICS if k != "size_mb"])

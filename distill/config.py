@@ -69,6 +69,9 @@ class DataConfig:
     train_split: str = "train"  # hub datasets only
     eval_split: str = "validation"
     text_field: str = "text"
+    text_pair_field: Optional[str] = None  # task=classification: a second text per row (NLI, QA pairs)
+    label_field: str = "label"  # task=classification: an int (class index) or a name per row
+    labels: Optional[list[str]] = None  # task=classification: class names in index order (default: the teacher's, else the data's)
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
@@ -89,6 +92,23 @@ class LossConfig:
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
     discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
     cross_tokenizer: Optional[CrossTokenizerConfig] = None  # a teacher with another tokenizer (aligned by bytes)
+    features: Optional[FeatureConfig] = None  # task=classification: hidden-state / attention / relation terms
+
+
+@dataclass
+class FeatureConfig:
+    """Feature terms added to the logits objective (distill/losses/features.py), each with its own
+    weight; per example they are means over the example's real tokens and the mapped layers."""
+
+    hidden_weight: float = 0.0  # FitNets / TinyBERT hidden states (through a learned projection when widths differ)
+    hidden_kind: Literal["mse", "cosine"] = "mse"
+    layer_map: Optional[list[int]] = None  # teacher layer per student layer (-1: none); default uniform
+    include_embeddings: bool = False  # also match the embedding outputs (hidden state 0), as TinyBERT does
+    attention_weight: float = 0.0  # TinyBERT attention maps: KL per query (needs attention weights: eager attention)
+    attention_heads: Literal["match", "average"] = "match"  # head counts differ: average
+    relation_weight: float = 0.0  # MiniLM v2: q-q, k-k, v-v relation KL, last student layer
+    relation_heads: int = 0  # relation heads (0: the student's attention heads)
+    relation_layer: Optional[int] = None  # the teacher layer for the relations (default: its last)
 
 
 @dataclass
@@ -230,8 +250,15 @@ class TrainConfig:
     qat: Optional[QATConfig] = None  # e.g. {bits: 4, group_size: 32}: train the student for its int4 build
 
 
+TASKS = ("causal_lm", "classification")
+# Hinton's soft targets suit a few classes at a temperature above 1 (at T = 1 a confident teacher's
+# distribution is nearly its hard label); the hard labels keep a smaller weight. See BENCHMARKS.md.
+CLASSIFICATION_LOSS_DEFAULTS = {"temperature": 2.0, "kd_weight": 1.0, "ce_weight": 0.5}
+
+
 @dataclass
 class Config:
+    task: Literal["causal_lm", "classification"] = "causal_lm"  # classification: AutoModelForSequenceClassification
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,6 +306,10 @@ def load_config(source: Union[str, os.PathLike, dict, Config, None] = None,
     raw = _deep_copy(raw)
     for item in overrides or []:
         _apply_override(raw, item)
+    if raw.get("task") == "classification" and isinstance(raw.get("loss", {}), dict):
+        loss = raw.setdefault("loss", {})  # what the user left out takes the classification defaults
+        for key, value in CLASSIFICATION_LOSS_DEFAULTS.items():
+            loss.setdefault(key, value)
     config = _build(Config, raw, "")
     if base_dir is not None:
         _resolve_paths(config, base_dir)
@@ -373,7 +404,23 @@ def validate(c: Config) -> None:
         raise ConfigError(f"loss.alpha must be in [0, 1), got {loss.alpha}")
     _check(loss.temperature > 0, "loss.temperature must be > 0")
     _check(loss.kd_weight >= 0 and loss.ce_weight >= 0, "loss.kd_weight and loss.ce_weight must be >= 0")
-    _check(loss.kd_weight + loss.ce_weight > 0, "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
+    f = loss.features
+    feature_weight = 0.0 if f is None else f.hidden_weight + f.attention_weight + f.relation_weight
+    _check(loss.kd_weight + loss.ce_weight + feature_weight > 0,
+           "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
+    if f is not None:
+        _check(c.task == "classification", "loss.features applies to task=classification (the causal-LM loop has no "
+                                           "feature terms yet; from Python, distill.distiller.Distiller has them)")
+        _check(min(f.hidden_weight, f.attention_weight, f.relation_weight) >= 0,
+               "loss.features: hidden_weight, attention_weight and relation_weight must be >= 0")
+        _check(f.layer_map is None or (bool(f.layer_map) and min(f.layer_map) >= -1),
+               "loss.features.layer_map: one teacher layer index (or -1: none) per student layer")
+        _check(f.relation_heads >= 0, "loss.features.relation_heads must be >= 0 (0: the student's attention heads)")
+        _check(f.relation_layer is None or f.relation_layer >= 0, "loss.features.relation_layer must be >= 0")
+        _check(bool(c.teacher.model) and c.teacher.source == "live", "loss.features needs the live teacher "
+               "(teacher.model)")
+    if c.task == "classification":
+        validate_classification(c)
     _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
     sampled = loss.divergence == "sampled_reverse_kl"
     if loss.discount is not None:
@@ -485,6 +532,26 @@ def validate(c: Config) -> None:
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.log_every > 0 and t.keep_checkpoints > 0, "train.log_every and train.keep_checkpoints must be > 0")
     _check(t.eval_batch_size is None or t.eval_batch_size > 0, "train.eval_batch_size must be > 0")
+
+
+def validate_classification(c: Config) -> None:
+    """What a sequence-classification run cannot combine with (token-level machinery)."""
+    why = "task=classification distils class logits"
+    _check(c.teacher.source == "live", f"{why} from the live teacher (teacher.model): teacher.source={c.teacher.source} "
+                                       "is for causal LMs")
+    _check(c.loss.divergence != "sampled_reverse_kl", f"{why}: sampled_reverse_kl samples tokens; use a divergence "
+                                                      "(forward_kl, reverse_kl, jsd, ...)")
+    for name, bad in (("loss.cross_tokenizer", c.loss.cross_tokenizer is not None),
+                      ("loss.sparse_mode", c.loss.sparse_mode is not None), ("train.qat", c.train.qat is not None),
+                      ("generation.lmbda > 0", c.generation.lmbda > 0), ("generation.seq_kd", c.generation.seq_kd)):
+        _check(not bad, f"{name} applies to task=causal_lm only; a classifier's teacher and student may have "
+                        "different tokenizers without it (class logits need no shared vocabulary)"
+               if name == "loss.cross_tokenizer" else f"{name} applies to task=causal_lm only")
+    d = c.data
+    _check(bool(d.text_field) and bool(d.label_field), "data.text_field and data.label_field must not be empty")
+    if d.labels is not None:
+        _check(len(d.labels) >= 2, f"data.labels needs at least 2 class names, got {d.labels}")
+        _check(len(set(d.labels)) == len(d.labels), f"data.labels has a name twice: {d.labels}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -14,14 +14,16 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
 
 from distill.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Matches the layer index in parameter names of the common decoder stacks:
-# model.layers.3. (Llama, Qwen, Mistral), transformer.h.3. (GPT-2), gpt_neox.layers.3., blocks.3.
+# model.layers.3. (Llama, Qwen, Mistral), transformer.h.3. (GPT-2), gpt_neox.layers.3., blocks.3.,
+# bert.encoder.layer.3. (BERT, RoBERTa), distilbert.transformer.layer.3.
 _LAYER_KEY = re.compile(r"^(.*?\.(?:layers|h|layer|blocks))\.(\d+)\.(.*)$")
 
 
@@ -109,21 +111,54 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, revision: O
         raise UserError(f"could not load a causal LM from {name} (safetensors only): {_first_line(e)}") from None
 
 
-def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``."""
+def load_classifier(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """``AutoModelForSequenceClassification.from_pretrained`` from safetensors, user errors on one line.
+
+    A folder without a trained classification head (a plain encoder or LM) loads with a new head,
+    and the warning transformers prints then says which weights are new."""
+    _check_local(name, "model")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a sequence classifier from {name} (safetensors only): "
+                        f"{_first_line(e)}") from None
+
+
+def label_config(names: Sequence[str]) -> dict:
+    """The config fields that name a classifier's classes (saved with the student)."""
+    return {"num_labels": len(names), "id2label": {i: n for i, n in enumerate(names)},
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def set_labels(model: PreTrainedModel, names: Sequence[str]) -> None:
+    """Write the class names into ``model.config`` (their number must be the head's)."""
+    for key, value in label_config(names).items():
+        setattr(model.config, key, value)
+
+
+def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = torch.float32,
+                        labels: Optional[Sequence[str]] = None) -> PreTrainedModel:
+    """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``:
+    a causal LM, or with ``labels`` (class names) a sequence classifier."""
     arch = dict(arch)
     model_type = arch.pop("model_type")
     arch.setdefault("vocab_size", vocab_size)
+    if labels is not None:
+        arch.update(label_config(labels))
+    auto = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
     try:
         config = AutoConfig.for_model(model_type, **arch)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"student.config: could not build a {model_type} model: {_first_line(e)}") from None
     return model
 
 
 def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
-    """A student with the teacher's embeddings, final norm and head, and the listed teacher layers.
+    """A student with the teacher's embeddings, final norm and head (LM head, or pooler and
+    classification head), and the listed teacher layers; of the teacher's own class.
 
     Student layer ``i`` is a copy of teacher layer ``layers[i]`` (DistilBERT initializes from every
     other layer: ``[0, 2, 4, ...]``). The teacher is not modified.
@@ -137,7 +172,7 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full)
         config.layer_types = [config.layer_types[i] for i in layers]
-    student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
+    student = type(teacher)(config).to(teacher.dtype)
     targets = {}  # teacher layer index -> student positions (a layer listed twice fills both)
     for s, t in enumerate(layers):
         targets.setdefault(t, []).append(s)

@@ -49,6 +49,7 @@ GROUPS = [
 PERCENT = {"top1_accuracy", "top1_agreement", "aligned_top1_agreement", "aligned_token_share", "valid_python",
            "draft_acceptance", "spec_acceptance_measured", "spec_acceptance_expected"}
 ARROWS = {"min": "↓", "max": "↑"}
+CLASS_PERCENT = {"accuracy", "macro_f1", "teacher_agreement", "accuracy_share"}  # classification reports
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +129,14 @@ def format_value(key: str, value) -> str:
         return _si(value)
     if key == "size_mb":
         return f"{value:.1f} MB" if value >= 10 else f"{value:.3g} MB"
-    if key in PERCENT:
+    if key in PERCENT or key in CLASS_PERCENT:
         return f"{100 * value:.1f}%"
+    if key.startswith("latency_ms"):
+        return f"{value:.2f} ms"
+    if key in ("latency_ratio", "size_ratio"):
+        return f"{value:.2f}×"
+    if key == "examples_per_s":
+        return f"{value:,.0f}"
     if key in ("draft_expected_tokens", "spec_tokens_per_step"):
         return f"{value:.2f}"
     if "tokens_per_s" in key:
@@ -177,8 +184,9 @@ def best_models(results: dict, key: str) -> set[str]:
     teacher); empty if the metric has no better direction, fewer than two models have it, or all
     have the same value."""
     from distill.evaluate import METRICS
+    from distill.evaluate_classify import CLASS_METRICS
 
-    direction = METRICS.get(key, (None, None, None))[1]
+    direction = (CLASS_METRICS if results.get("task") == "classification" else METRICS).get(key, (None, None, None))[1]
     models = results["models"]
     pool = {n: m.get(key) for n, m in models.items() if n != "teacher" or len(models) == 1}
     pool = {n: v for n, v in pool.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -213,18 +221,20 @@ def _style(ax, title: str) -> None:
     ax.set_axisbelow(True)
 
 
-def bar_chart(results: dict, key: str, colors: dict[str, str]) -> Optional[str]:
-    """One metric, one bar per model that has it; None if no model has it."""
+def bar_chart(results: dict, key: str, colors: dict[str, str], metrics: Optional[dict] = None) -> Optional[str]:
+    """One metric, one bar per model that has it; None if no model has it. ``metrics``: the labels
+    and directions (default ``distill.evaluate.METRICS``)."""
     from matplotlib.figure import Figure
 
     from distill.evaluate import METRICS
 
-    label, direction, _ = METRICS[key]
+    label, direction, _ = (metrics or METRICS)[key]
     values = {n: m.get(key) for n, m in results["models"].items()}
     values = {n: v for n, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if not values:
         return None
-    scale = 100.0 if key in PERCENT else 1.0
+    percent = PERCENT | CLASS_PERCENT
+    scale = 100.0 if key in percent else 1.0
     fig = Figure(figsize=(3.9, 2.7), layout="constrained")
     ax = fig.add_subplot()
     names = list(values)
@@ -234,14 +244,14 @@ def bar_chart(results: dict, key: str, colors: dict[str, str]) -> Optional[str]:
         if name == "teacher":
             bar.set_hatch("///")
             bar.set_edgecolor("white")
-    top = 100.0 if key in PERCENT else (max(heights) if max(heights) > 0 else 1.0)
+    top = 100.0 if key in percent else (max(heights) if max(heights) > 0 else 1.0)
     for bar, name in zip(bars, names):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + top * 0.02,
                 format_value(key, values[name]), ha="center", va="bottom", fontsize=8, color="#111827")
-    ax.set_ylim(0, 112 if key in PERCENT else top * 1.18)  # fractions on their whole 0-100% scale
+    ax.set_ylim(0, 112 if key in percent else top * 1.18)  # fractions on their whole 0-100% scale
     ax.set_xticks(range(len(names)), names, fontsize=8.5)
     _style(ax, f"{label}  {ARROWS.get(direction, '')}")
-    if key in PERCENT:
+    if key in percent:
         ax.set_yticks([0, 25, 50, 75, 100])
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0f}%")
     return _png(fig)
@@ -429,6 +439,10 @@ DEFINITIONS = [
 def render_html(results: dict, curves: dict[str, list[dict]] | None = None) -> str:
     """The whole report as one HTML string (see the module docstring for what self-contained means)."""
     curves = curves or {}
+    if results.get("task") == "classification":
+        from distill.report_classify import render_classification
+
+        return render_classification(results, curves)
     names = list(results["models"])
     colors = model_colors(list(names) + [n for n in curves if n not in names])
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -482,9 +496,11 @@ def _alert(results: dict) -> str:
             f"<span class='nf'>{NONFINITE}</span>, and those bars are left out of the charts.</p><ul>{items}</ul></section>")
 
 
-def _summary(results: dict, names: list[str], colors: dict[str, str]) -> str:
+def _summary(results: dict, names: list[str], colors: dict[str, str], groups: Optional[list] = None,
+             metrics: Optional[dict] = None) -> str:
     from distill.evaluate import METRICS
 
+    METRICS = metrics or METRICS  # noqa: N806
     models = results["models"]
     bad = set(_nonfinite_models(results))
     head = "".join(
@@ -493,7 +509,7 @@ def _summary(results: dict, names: list[str], colors: dict[str, str]) -> str:
         f"{f'<span class=badge>{NONFINITE}</span>' if n in bad else ''}"
         f"<span class='swatch' style='background:{colors[n]}'></span>{_esc(n)}</th>" for n in names)
     rows = []
-    for title, keys in GROUPS:
+    for title, keys in groups or GROUPS:
         keys = shown_keys(results, keys)
         if not keys:
             continue

@@ -123,6 +123,20 @@ def batch_indices(step: int, micro: int, *, n: int, batch_size: int, accum: int,
     return order[start:start + batch_size].tolist()
 
 
+def build_optimizer(parameters, t, max_steps: int):
+    """(optimizer, LR scheduler) of train.* (``t``); no weight decay on biases and norms."""
+    params = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if t.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
+        step, warmup=t.warmup_steps, total=t.schedule_steps or max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+    return optimizer, scheduler
+
+
 @dataclass
 class LossSettings:
     divergence: str
@@ -513,6 +527,10 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     Re-running on an output directory that holds a checkpoint resumes from it.
     """
     config: Config = load_config(config, overrides)
+    if config.task == "classification":
+        from distill.classify import train_classifier
+
+        return train_classifier(config)
     t, L = config.train, config.loss
     out = Path(t.output_dir)
     accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
@@ -621,16 +639,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     loss_teacher = teacher_source if L.kd_weight > 0 else None
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
-    # Optimizer and schedule; no weight decay on biases and norms.
-    params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if t.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=t.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
-        step, warmup=t.warmup_steps, total=t.schedule_steps or max_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio))
+    optimizer, scheduler = build_optimizer(student.parameters(), t, max_steps)
     # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
     model, optimizer = accelerator.prepare(Backbone(student), optimizer)
     accelerator.register_for_checkpointing(scheduler)
