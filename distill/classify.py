@@ -1,6 +1,9 @@
 """`distill train` with ``task: classification``: Hinton's soft targets on class logits, plus α·CE on
 the labels and feature terms, for ``AutoModelForSequenceClassification`` teachers and students
-(encoders such as BERT / RoBERTa / MiniLM, and decoders with a classification head).
+(encoders such as BERT / RoBERTa / MiniLM, and decoders with a classification head); and with
+``task: embedding``, sentence encoders (``AutoModel`` + mean or CLS pooling): the student's
+embedding against the teacher's (cosine or MSE through a learned projection, the batch's
+similarity matrix, RKD distance and angle), saved with the sentence-transformers files.
 
 Per example i of an optimizer step's N examples (all micro-batches, all processes):
 
@@ -46,8 +49,9 @@ from distill.data.classification import (class_names, collate_classification, lo
 from distill.data.sources import DataError
 from distill.errors import UserError
 from distill.losses import forward_kl, get_divergence, kd_loss
-from distill.losses.features import (FeatureProjection, attention_kl, check_layer_map, hidden_state_loss, relation_kl,
-                                     uniform_layer_map)
+from distill.losses.features import (FeatureProjection, attention_kl, check_layer_map, embedding_loss,
+                                     hidden_state_loss, pool, relation_kl, rkd_angle, rkd_distance,
+                                     similarity_matrix_loss, uniform_layer_map)
 from distill.training import (MetricsLog, NonFiniteError, _check_same_run, _flat, _nothing_saved, _number, _show,
                               batch_indices, build_optimizer, checkpoints, clean_leftovers, nonfinite_problem,
                               save_checkpoint, save_student, sigterm_as_interrupt)
@@ -113,6 +117,7 @@ class FeatureSettings:
     attention_heads: str = "match"
     relation_weight: float = 0.0
     relation_heads: int = 0
+    embedding: Optional[dict] = None  # task=embedding: pooling, kind and the weights of loss.embedding
 
     @property
     def hidden(self) -> bool:
@@ -146,6 +151,9 @@ class ClassifierStudent(nn.Module):
         pairs = self.hidden_pairs()
         self.projections = nn.ModuleDict({str(s): FeatureProjection(width, teacher_width) for s, _ in pairs}
                                          if features.hidden else {})
+        e = features.embedding
+        self.embedding_projection = (FeatureProjection(width, teacher_width) if e is not None and e["weight"] > 0
+                                     else None)
         self.capture = None
         if features.relations:
             self.capture = Capture(qkv_modules(layer_modules(model)[-1], "the student"))
@@ -163,9 +171,21 @@ class ClassifierStudent(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=f.hidden,
                          output_attentions=f.attentions)
         terms = {}
-        if teacher is None:
-            return out.logits, terms
         mask = attention_mask.bool()
+        e = f.embedding
+        result = out.logits if e is None else pool(out.last_hidden_state, mask, pooling=e["pooling"])  # (B, C) / (B, d)
+        if teacher is None:
+            return result, terms
+        if e is not None:  # per example; the relational terms compare the micro-batch's examples
+            t_emb = teacher["embedding"]
+            if e["weight"] > 0:
+                terms["embedding"] = embedding_loss(result, t_emb, kind=e["kind"], projection=self.embedding_projection)
+            if e["similarity_weight"] > 0:
+                terms["similarity"] = similarity_matrix_loss(result, t_emb)
+            if e["rkd_distance_weight"] > 0:
+                terms["rkd_distance"] = rkd_distance(result, t_emb)
+            if e["rkd_angle_weight"] > 0:
+                terms["rkd_angle"] = rkd_angle(result, t_emb)
         if f.hidden:  # FitNets / TinyBERT: mean over the real tokens and the mapped layers
             per = [_masked_mean(hidden_state_loss(out.hidden_states[s], teacher["hidden"][t], kind=f.hidden_kind,
                                                   projection=self.projections[str(s)]), mask)
@@ -181,7 +201,7 @@ class ClassifierStudent(nn.Module):
             per = [_masked_mean(relation_kl(qkv[k], teacher["qkv"][k], mask, relation_heads=f.relation_heads), mask)
                    for k in _QKV]
             terms["relation"] = torch.stack(per).mean(0)
-        return out.logits, terms
+        return result, terms
 
 
 def check_attentions(attentions, what: str) -> None:
@@ -213,7 +233,10 @@ def teacher_outputs(teacher: nn.Module, batch: dict, features: FeatureSettings, 
         capture.clear()
     out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=features.hidden,
                   output_attentions=features.attentions)
-    result = {"logits": out.logits.float()}
+    if features.embedding is not None:
+        result = {"embedding": pool(out.last_hidden_state, mask.bool(), pooling=features.embedding["pooling"]).float()}
+    else:
+        result = {"logits": out.logits.float()}
     if features.hidden:
         result["hidden"] = out.hidden_states
     if features.attentions:
@@ -236,7 +259,10 @@ class ClassificationLoss:
 
     def weights(self) -> dict:
         f = self.features
-        return {"hidden": f.hidden_weight, "attention": f.attention_weight, "relation": f.relation_weight}
+        e = f.embedding or {}
+        return {"embedding": e.get("weight", 0.0), "similarity": e.get("similarity_weight", 0.0),
+                "rkd_distance": e.get("rkd_distance_weight", 0.0), "rkd_angle": e.get("rkd_angle_weight", 0.0),
+                "hidden": f.hidden_weight, "attention": f.attention_weight, "relation": f.relation_weight}
 
 
 def micro_batch_loss(model: nn.Module, teacher: Optional[nn.Module], batch: dict, s: ClassificationLoss,
@@ -245,6 +271,15 @@ def micro_batch_loss(model: nn.Module, teacher: Optional[nn.Module], batch: dict
     summed over its examples. ``teacher_ok``: (B,) finite teacher logits, or None without a teacher."""
     t_out = teacher_outputs(teacher, batch, s.features, capture) if teacher is not None else None
     logits, terms = model(batch["input_ids"], batch["attention_mask"], teacher=t_out)
+    if s.features.embedding is not None:  # task=embedding: the weighted terms alone
+        loss = torch.zeros((), device=logits.device)
+        sums = {}
+        for name, weight in s.weights().items():
+            if name in terms:
+                total = terms[name].sum()
+                loss = loss + weight * total
+                sums[name] = total.detach()
+        return loss, sums, torch.isfinite(t_out["embedding"]).all(-1)
     parts = kd_loss(logits.float(), t_out["logits"] if t_out is not None else None, batch["labels"],
                     divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
                     kd_weight=s.kd_weight if t_out is not None else 0.0, ce_weight=s.ce_weight,
@@ -299,6 +334,62 @@ def evaluate(model: nn.Module, teacher: Optional[nn.Module], dataset, *, batch_s
     return result
 
 
+@torch.no_grad()
+def evaluate_embeddings(model: nn.Module, teacher: nn.Module, dataset, *, batch_size: int, pad_token_id: int,
+                        teacher_pad_token_id: int, accelerator: Accelerator, s: ClassificationLoss) -> dict:
+    """Fidelity of the student's sentence embeddings to the teacher's over the whole ``dataset``
+    (every process computes all of it: the neighbour metrics need every pair):
+
+    eval/cosine: mean cos(W·e_s, e_t) (W the learned projection where the widths differ);
+    eval/similarity_mse: mean over pairs i ≠ j of (cos_s(i, j) − cos_t(i, j))²;
+    eval/neighbour_agreement: share of examples whose nearest other example is the same for both."""
+    model.eval()
+    wrapped = accelerator.unwrap_model(model)
+    pooling = s.features.embedding["pooling"]
+    s_all, t_all = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_classification(dataset[start:start + batch_size], pad_token_id=pad_token_id,
+                                       teacher_pad_token_id=teacher_pad_token_id, device=accelerator.device)
+        with accelerator.autocast():
+            out = wrapped.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            t_out = teacher(input_ids=batch.get("teacher_input_ids", batch["input_ids"]),
+                            attention_mask=batch.get("teacher_attention_mask", batch["attention_mask"]))
+        s_all.append(pool(out.last_hidden_state.float(), batch["attention_mask"].bool(), pooling=pooling))
+        t_all.append(pool(t_out.last_hidden_state.float(), batch.get("teacher_attention_mask",
+                                                                      batch["attention_mask"]).bool(), pooling=pooling))
+    model.train()
+    e_s, e_t = torch.cat(s_all).double(), torch.cat(t_all).double()
+    result = {"eval/examples": len(dataset)}
+    proj = wrapped.embedding_projection
+    if proj is not None or e_s.shape[-1] == e_t.shape[-1]:
+        mapped = proj(e_s.float()).double() if proj is not None else e_s
+        result["eval/cosine"] = float(torch.nn.functional.cosine_similarity(mapped, e_t, dim=-1).mean())
+    gram = lambda x: torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).T  # noqa: E731
+    g_s, g_t = gram(e_s), gram(e_t)
+    n = len(dataset)
+    off = ~torch.eye(n, dtype=torch.bool, device=g_s.device)
+    result["eval/similarity_mse"] = float((g_s - g_t).pow(2)[off].mean()) if n > 1 else None
+    eye = torch.eye(n, dtype=torch.bool, device=g_s.device)
+    agree = g_s.masked_fill(eye, -2).argmax(-1) == g_t.masked_fill(eye, -2).argmax(-1)
+    result["eval/neighbour_agreement"] = float(agree.double().mean()) if n > 1 else None
+    return result
+
+
+def save_sentence_transformer_files(folder: Path, *, width: int, pooling: str, max_length: int) -> None:
+    """The files that make ``folder`` (a saved AutoModel + tokenizer) load as a sentence-transformers
+    model with the run's pooling: modules.json, 1_Pooling/config.json, sentence_bert_config.json."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": width, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False}, indent=2) + "\n")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length,
+                                                                  "do_lower_case": False}, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building the run
 
@@ -317,8 +408,15 @@ def give_pad_id(model: nn.Module, tokenizer) -> None:
 
 def feature_settings(config: Config, student: nn.Module, teacher: Optional[nn.Module]) -> FeatureSettings:
     f = config.loss.features
+    e = None
+    if config.task == "embedding":
+        from dataclasses import asdict
+
+        from distill.config import EmbeddingConfig
+
+        e = asdict(config.loss.embedding or EmbeddingConfig())
     if f is None:
-        return FeatureSettings()
+        return FeatureSettings(embedding=e)
     n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
     try:
         layer_map = (check_layer_map(f.layer_map, n_s, n_t) if f.layer_map is not None
@@ -328,12 +426,15 @@ def feature_settings(config: Config, student: nn.Module, teacher: Optional[nn.Mo
     heads = f.relation_heads or student.config.num_attention_heads
     return FeatureSettings(hidden_weight=f.hidden_weight, hidden_kind=f.hidden_kind, layer_map=layer_map,
                            include_embeddings=f.include_embeddings, attention_weight=f.attention_weight,
-                           attention_heads=f.attention_heads, relation_weight=f.relation_weight, relation_heads=heads)
+                           attention_heads=f.attention_heads, relation_weight=f.relation_weight, relation_heads=heads,
+                           embedding=e)
 
 
 def build_models(config: Config):
     """(tokenizer, teacher_tokenizer, teacher or None, student, class names, data rows' names source)."""
     d = config.data
+    if config.task == "embedding":
+        return build_encoders(config)
     teacher = None
     if config.teacher.model:
         teacher = models.freeze(models.check_finite(models.load_classifier(
@@ -382,10 +483,47 @@ def build_models(config: Config):
     return tokenizer, teacher_tokenizer, teacher, student, names
 
 
-def _same_tokenizer(a, b) -> bool:
-    from distill.data import tokenizer_fingerprint
+def build_encoders(config: Config):
+    """task=embedding: (tokenizer, teacher tokenizer, teacher, student, None) as bare encoders (AutoModel)."""
+    t, st = config.teacher, config.student
+    teacher = models.freeze(models.check_finite(models.load_encoder(
+        t.model, dtype=teacher_dtype(config), revision=t.revision, trust_remote_code=t.trust_remote_code),
+        f"the teacher {t.model}"))
+    tok_name = st.tokenizer or st.model or t.model
+    tokenizer = load_tokenizer(tok_name, revision=st.revision, trust_remote_code=st.trust_remote_code)
+    teacher_tokenizer = tokenizer if tok_name == t.model else load_tokenizer(
+        t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+    if st.model:
+        student = models.check_finite(models.load_encoder(st.model, revision=st.revision,
+                                                          trust_remote_code=st.trust_remote_code),
+                                      f"the student {st.model}")
+    elif st.config is not None:
+        student = models.student_from_config(st.config, vocab_size=len(tokenizer), encoder=True)
+    else:
+        if st.tokenizer and tok_name != t.model:
+            raise UserError("student.init_from_teacher_layers copies the teacher's embeddings: the student must read "
+                            "the teacher's tokenizer (leave student.tokenizer out)")
+        student = models.student_from_teacher_layers(teacher, st.init_from_teacher_layers).float()
+        student.requires_grad_(True)
+        student.train()
+    give_pad_id(student, tokenizer)
+    give_pad_id(teacher, teacher_tokenizer)
+    return tokenizer, teacher_tokenizer, teacher, student, None
 
-    return a is b or tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+
+def _same_tokenizer(a, b) -> bool:
+    """The two tokenizers turn text into the same ids (call-time truncation / padding settings that a
+    saved tokenizer.json may carry aside)."""
+    def key(tok):
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            return (type(tok).__name__, sorted(tok.get_vocab().items()), tok.all_special_ids)
+        body = json.loads(backend.to_str())
+        body.pop("truncation", None)
+        body.pop("padding", None)
+        return (json.dumps(body, sort_keys=True), tok.all_special_ids)
+
+    return a is b or key(a) == key(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +548,7 @@ def train_classifier(config: Config) -> dict:
         save_config(config, out / "config.yaml")
     set_seed(t.seed)
 
-    tokenizer, teacher_tokenizer, teacher, student, names = build_models(config)
+    tokenizer, teacher_tokenizer, teacher, student, names = build_models(config)  # names: None for embedding
     features = feature_settings(config, student, teacher) if teacher is not None else FeatureSettings()
     separate = teacher is not None and not _same_tokenizer(tokenizer, teacher_tokenizer)
     if separate and (features.hidden or features.attentions or features.relations):
@@ -454,16 +592,24 @@ def train_classifier(config: Config) -> dict:
         raise UserError(f"data.train has {len(train_set)} examples, fewer than one global batch ({t.batch_size} x "
                         f"{t.grad_accum_steps} accumulation x {world} processes = {global_batch})")
     max_steps = t.max_steps or max(1, int(t.epochs * (len(train_set) // global_batch)))
+    e = features.embedding or {}
+    if (e.get("rkd_angle_weight", 0) > 0 and t.batch_size < 3) or (
+            e.get("rkd_distance_weight", 0) + e.get("similarity_weight", 0) > 0 and t.batch_size < 2):
+        raise UserError(f"loss.embedding: the relational terms compare the examples of a micro-batch; "
+                        f"train.batch_size={t.batch_size} is too small (RKD angle needs 3, the others 2)")
     optimizer, scheduler = build_optimizer(wrapped.parameters(), t, max_steps)
     model, optimizer = accelerator.prepare(wrapped, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
-    loss_teacher = teacher if (L.kd_weight > 0 or features.hidden or features.attentions or features.relations) else None
+    embedding = features.embedding is not None
+    loss_teacher = teacher if (embedding or L.kd_weight > 0 or features.hidden or features.attentions
+                               or features.relations) else None
     pad, t_pad = tokenizer.pad_token_id, (teacher_tokenizer or tokenizer).pad_token_id
 
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
-    parts_names = ["kd", "ce"] + [k for k, w in settings.weights().items() if w > 0]
+    parts_names = ([] if embedding else ["kd", "ce"]) + [k for k, w in settings.weights().items() if w > 0]
+    run_eval = evaluate_embeddings if embedding else evaluate
     state = {"step": 0, "window": {"loss": 0.0, "examples": 0, **{k: 0.0 for k in parts_names}},
              "skipped_steps": 0, "consecutive_skips": 0, "labels": names}
     if resume_from is not None:
@@ -481,7 +627,7 @@ def train_classifier(config: Config) -> dict:
                     dynamic_ncols=True)
     eval_result: dict = {}
     if eval_set is not None and t.eval_at_start and state["step"] == 0:
-        metrics.write({"step": 0, **evaluate(model, teacher, eval_set, **eval_args)})
+        metrics.write({"step": 0, **run_eval(model, teacher, eval_set, **eval_args)})
     tic = time.perf_counter()
     restore_sigterm = sigterm_as_interrupt()
     try:
@@ -554,7 +700,7 @@ def train_classifier(config: Config) -> dict:
                 state["window"] = {"loss": 0.0, "examples": 0, **{name: 0.0 for name in parts_names}}
                 tic = time.perf_counter()
             if eval_set is not None and ((t.eval_every and step % t.eval_every == 0) or step == max_steps):
-                eval_result = evaluate(model, teacher, eval_set, **eval_args)
+                eval_result = run_eval(model, teacher, eval_set, **eval_args)
                 metrics.write({"step": step, **eval_result})
                 accelerator.log(eval_result, step=step)
                 progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {_show(v)}" for k, v in eval_result.items()))
@@ -572,7 +718,11 @@ def train_classifier(config: Config) -> dict:
     progress.close()
     final = out / "student"
     if main:  # the classifier alone, with its class names; the projections stay in the checkpoints
-        save_student(accelerator.unwrap_model(model).model, tokenizer, out)
+        student_out = accelerator.unwrap_model(model).model
+        save_student(student_out, tokenizer, out)
+        if embedding:
+            save_sentence_transformer_files(final, width=student_out.config.hidden_size,
+                                            pooling=features.embedding["pooling"], max_length=config.data.max_length)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": state["step"], "output_dir": str(out), "student": str(final), "labels": names, **eval_result}

@@ -92,7 +92,21 @@ class LossConfig:
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
     discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
     cross_tokenizer: Optional[CrossTokenizerConfig] = None  # a teacher with another tokenizer (aligned by bytes)
-    features: Optional[FeatureConfig] = None  # task=classification: hidden-state / attention / relation terms
+    features: Optional[FeatureConfig] = None  # task=classification / embedding: hidden-state / attention / relation terms
+    embedding: Optional[EmbeddingConfig] = None  # task=embedding (default: cosine of mean-pooled embeddings)
+
+
+@dataclass
+class EmbeddingConfig:
+    """task=embedding: the student's pooled sentence embedding against the teacher's, per example;
+    the relational terms (similarity matrix, RKD) compare the examples of each micro-batch."""
+
+    pooling: Literal["mean", "cls"] = "mean"  # the teacher's and the student's
+    kind: Literal["cosine", "mse"] = "cosine"  # 1 - cos(W e_s, e_t) or the mean squared difference
+    weight: float = 1.0  # of that term (through a learned projection when widths differ; not exported)
+    similarity_weight: float = 0.0  # the batch's cosine-similarity matrix (needs no projection)
+    rkd_distance_weight: float = 0.0  # RKD distance (Park et al. 2019)
+    rkd_angle_weight: float = 0.0  # RKD angle
 
 
 @dataclass
@@ -250,7 +264,7 @@ class TrainConfig:
     qat: Optional[QATConfig] = None  # e.g. {bits: 4, group_size: 32}: train the student for its int4 build
 
 
-TASKS = ("causal_lm", "classification")
+TASKS = ("causal_lm", "classification", "embedding")
 # Hinton's soft targets suit a few classes at a temperature above 1 (at T = 1 a confident teacher's
 # distribution is nearly its hard label); the hard labels keep a smaller weight. See BENCHMARKS.md.
 CLASSIFICATION_LOSS_DEFAULTS = {"temperature": 2.0, "kd_weight": 1.0, "ce_weight": 0.5}
@@ -258,7 +272,7 @@ CLASSIFICATION_LOSS_DEFAULTS = {"temperature": 2.0, "kd_weight": 1.0, "ce_weight
 
 @dataclass
 class Config:
-    task: Literal["causal_lm", "classification"] = "causal_lm"  # classification: AutoModelForSequenceClassification
+    task: Literal["causal_lm", "classification", "embedding"] = "causal_lm"  # classification: AutoModelForSequenceClassification; embedding: a sentence encoder (AutoModel + pooling)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -406,11 +420,20 @@ def validate(c: Config) -> None:
     _check(loss.kd_weight >= 0 and loss.ce_weight >= 0, "loss.kd_weight and loss.ce_weight must be >= 0")
     f = loss.features
     feature_weight = 0.0 if f is None else f.hidden_weight + f.attention_weight + f.relation_weight
-    _check(loss.kd_weight + loss.ce_weight + feature_weight > 0,
-           "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
+    if c.task == "embedding":
+        e = loss.embedding or EmbeddingConfig()
+        weights = (e.weight, e.similarity_weight, e.rkd_distance_weight, e.rkd_angle_weight)
+        _check(min(weights) >= 0, "loss.embedding weights must be >= 0")
+        _check(sum(weights) + feature_weight > 0, "loss.embedding: every weight is 0: nothing to train")
+        _check(bool(c.teacher.model), "task=embedding needs teacher.model (the sentence encoder to imitate)")
+    else:
+        _check(loss.embedding is None, "loss.embedding applies to task=embedding")
+        _check(loss.kd_weight + loss.ce_weight + feature_weight > 0,
+               "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
     if f is not None:
-        _check(c.task == "classification", "loss.features applies to task=classification (the causal-LM loop has no "
-                                           "feature terms yet; from Python, distill.distiller.Distiller has them)")
+        _check(c.task != "causal_lm", "loss.features applies to task=classification and embedding (the causal-LM "
+                                      "loop has no feature terms yet; from Python, distill.distiller.Distiller has "
+                                      "them)")
         _check(min(f.hidden_weight, f.attention_weight, f.relation_weight) >= 0,
                "loss.features: hidden_weight, attention_weight and relation_weight must be >= 0")
         _check(f.layer_map is None or (bool(f.layer_map) and min(f.layer_map) >= -1),
@@ -419,7 +442,7 @@ def validate(c: Config) -> None:
         _check(f.relation_layer is None or f.relation_layer >= 0, "loss.features.relation_layer must be >= 0")
         _check(bool(c.teacher.model) and c.teacher.source == "live", "loss.features needs the live teacher "
                "(teacher.model)")
-    if c.task == "classification":
+    if c.task in ("classification", "embedding"):
         validate_classification(c)
     _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
     sampled = loss.divergence == "sampled_reverse_kl"
@@ -536,7 +559,7 @@ def validate(c: Config) -> None:
 
 def validate_classification(c: Config) -> None:
     """What a sequence-classification run cannot combine with (token-level machinery)."""
-    why = "task=classification distils class logits"
+    why = f"task={c.task} distils {'class logits' if c.task == 'classification' else 'sentence embeddings'}"
     _check(c.teacher.source == "live", f"{why} from the live teacher (teacher.model): teacher.source={c.teacher.source} "
                                        "is for causal LMs")
     _check(c.loss.divergence != "sampled_reverse_kl", f"{why}: sampled_reverse_kl samples tokens; use a divergence "
@@ -544,8 +567,8 @@ def validate_classification(c: Config) -> None:
     for name, bad in (("loss.cross_tokenizer", c.loss.cross_tokenizer is not None),
                       ("loss.sparse_mode", c.loss.sparse_mode is not None), ("train.qat", c.train.qat is not None),
                       ("generation.lmbda > 0", c.generation.lmbda > 0), ("generation.seq_kd", c.generation.seq_kd)):
-        _check(not bad, f"{name} applies to task=causal_lm only; a classifier's teacher and student may have "
-                        "different tokenizers without it (class logits need no shared vocabulary)"
+        _check(not bad, f"{name} applies to task=causal_lm only; a classifier's or encoder's teacher and student may "
+                        "have different tokenizers without it (class logits and embeddings need no shared vocabulary)"
                if name == "loss.cross_tokenizer" else f"{name} applies to task=causal_lm only")
     d = c.data
     _check(bool(d.text_field) and bool(d.label_field), "data.text_field and data.label_field must not be empty")

@@ -126,6 +126,19 @@ def load_classifier(name: str, *, dtype: torch.dtype = torch.float32, revision: 
                         f"{_first_line(e)}") from None
 
 
+def load_encoder(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
+                 trust_remote_code: bool = False) -> PreTrainedModel:
+    """``AutoModel.from_pretrained`` (the bare encoder, no head) from safetensors, user errors on one line."""
+    from transformers import AutoModel
+
+    _check_local(name, "model")
+    try:
+        return AutoModel.from_pretrained(name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                                         use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load an encoder from {name} (safetensors only): {_first_line(e)}") from None
+
+
 def label_config(names: Sequence[str]) -> dict:
     """The config fields that name a classifier's classes (saved with the student)."""
     return {"num_labels": len(names), "id2label": {i: n for i, n in enumerate(names)},
@@ -139,15 +152,17 @@ def set_labels(model: PreTrainedModel, names: Sequence[str]) -> None:
 
 
 def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = torch.float32,
-                        labels: Optional[Sequence[str]] = None) -> PreTrainedModel:
+                        labels: Optional[Sequence[str]] = None, encoder: bool = False) -> PreTrainedModel:
     """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``:
-    a causal LM, or with ``labels`` (class names) a sequence classifier."""
+    a causal LM, with ``labels`` (class names) a sequence classifier, with ``encoder`` the bare model."""
     arch = dict(arch)
     model_type = arch.pop("model_type")
     arch.setdefault("vocab_size", vocab_size)
     if labels is not None:
         arch.update(label_config(labels))
-    auto = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    from transformers import AutoModel
+
+    auto = AutoModel if encoder else AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
     try:
         config = AutoConfig.for_model(model_type, **arch)
         model = auto.from_config(config, dtype=dtype)

@@ -115,7 +115,8 @@ def render_classification(results: dict, curves: dict[str, list[dict]]) -> str:
     confusions = "".join(f"<figure><img alt='confusion matrix' src='{src}'></figure>" for src in (
         confusion_chart(n, results["models"][n], results.get("labels") or [], colors[n]) for n in names) if src)
     s = results.get("settings", {})
-    speed_note = (f" Latency: {s.get('latency_examples')} examples one at a time (after a warmup), "
+    speed_note = (f" Latency: {s.get('latency_examples')} examples one at a time (after a warmup; each the "
+                  f"fastest of {s.get('latency_repeats')} runs), "
                   f"{s.get('threads')} threads; throughput: batches of {s.get('throughput_batch')}."
                   if s.get("speed") else " Speed not measured (--no-speed).")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -527,7 +527,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     Re-running on an output directory that holds a checkpoint resumes from it.
     """
     config: Config = load_config(config, overrides)
-    if config.task == "classification":
+    if config.task in ("classification", "embedding"):  # encoders and classifiers: distill/classify.py
         from distill.classify import train_classifier
 
         return train_classifier(config)

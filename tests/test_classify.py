@@ -17,7 +17,7 @@ from distill.data.sources import DataError
 from distill.losses import kd_loss
 from distill.toy import make_tokenizer, sentence
 from tests.conftest import write_config
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import read_metrics, run_cli, two_processes
 
 POSITIVE = {"happy", "young", "quick", "big"}  # the label is the sentence's adjective's side
 
@@ -155,6 +155,26 @@ def test_class_names_come_from_the_config_the_teacher_or_the_data():
         class_names(["a", "a"])
 
 
+def test_classification_has_its_own_loss_defaults_and_refusals():
+    from distill.config import CLASSIFICATION_LOSS_DEFAULTS, load_config
+    from distill.errors import ConfigError
+
+    base = {"task": "classification", "teacher": {"model": "t"}, "student": {"model": "s"}, "data": {"train": "d"}}
+    c = load_config(base)
+    assert (c.loss.temperature, c.loss.kd_weight, c.loss.ce_weight) == tuple(
+        CLASSIFICATION_LOSS_DEFAULTS[k] for k in ("temperature", "kd_weight", "ce_weight"))
+    assert load_config(base, ["loss.temperature=8"]).loss.temperature == 8.0  # what the user gives wins
+    assert load_config({k: v for k, v in base.items() if k != "task"}).loss.temperature == 1.0  # LM default
+    with pytest.raises(ConfigError, match="applies to task=classification"):
+        load_config({k: v for k, v in base.items() if k != "task"}, ["loss.features.hidden_weight=1"])
+    with pytest.raises(ConfigError, match="teacher.source=cache is for causal LMs"):
+        load_config(base, ["teacher.source=cache", "cache.dir=x"])
+    with pytest.raises(ConfigError, match="has a name twice"):
+        load_config(base, ["data.labels=[a, a]"])
+    with pytest.raises(ConfigError, match="layer_map"):
+        load_config(base, ["loss.features.layer_map=[-2]"])
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end through the CLI
 
@@ -248,6 +268,48 @@ def test_killed_and_resumed_equals_uninterrupted(ws, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_two_processes_match_one_process_with_accumulation(ws, tmp_path):
+    """Micro-batch 8 x 2 accumulation on one process == 4 x 2 on each of two (same global batch)."""
+    runs = {}
+    for name, batch, launcher in (("one", 8, None), ("two", 4, two_processes(29541))):
+        config = kd_config(ws, tmp_path / name, loss={"features": {"hidden_weight": 1.0}},
+                           train={"max_steps": 3, "batch_size": batch, "grad_accum_steps": 2, "optimizer": "sgd",
+                                  "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant", "eval_at_start": False})
+        config["student"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        result = run_cli("train", str(write_config(tmp_path / f"{name}.yaml", config)), launcher=launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = load_file(tmp_path / name / "student" / "model.safetensors")
+    for key, value in runs["one"].items():
+        assert torch.allclose(runs["two"][key], value, atol=2e-6), key
+    one, two = final_eval(tmp_path / "one")[-1], final_eval(tmp_path / "two")[-1]
+    assert two["eval/examples"] == one["eval/examples"] == 96
+    assert two["eval/forward_kl"] == pytest.approx(one["eval/forward_kl"], rel=1e-5)
+
+
+def test_an_embedding_student_learns_the_teachers_geometry_and_saves_as_a_sentence_encoder(ws, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "emb"
+    config = kd_config(ws, out, loss={"embedding": {"pooling": "mean", "kind": "cosine", "weight": 1.0, "similarity_weight": 1.0,
+                                           "rkd_distance_weight": 1.0, "rkd_angle_weight": 1.0}})
+    config["task"] = "embedding"
+    result = run_cli("train", str(write_config(tmp_path / "e.yaml", config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [m for m in read_metrics(out / "metrics.jsonl") if "eval/similarity_mse" in m]
+    first, last = evals[0], evals[-1]
+    assert last["eval/similarity_mse"] < 0.5 * first["eval/similarity_mse"]
+    assert last["eval/cosine"] > first["eval/cosine"] + 0.2
+    logged = read_metrics(out / "metrics.jsonl")[1]
+    assert {"embedding", "similarity", "rkd_distance", "rkd_angle"} <= set(logged) and "kd" not in logged
+    weights = load_file(out / "student" / "model.safetensors")
+    assert not any("projection" in k for k in weights)
+    model = AutoModel.from_pretrained(out / "student")
+    assert type(model).__name__ == "BertModel" and model.config.hidden_size == 32
+    pooling = json.loads((out / "student" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and pooling["word_embedding_dimension"] == 32
+    assert json.loads((out / "student" / "modules.json").read_text())[1]["path"] == "1_Pooling"
+
+
 # ---------------------------------------------------------------------------------------------
 # Mistakes: one line, exit 2
 
@@ -293,3 +355,15 @@ def test_feature_terms_across_tokenizers_are_refused(ws, tmp_path):
     config = kd_config(ws, tmp_path / "r", student={"tokenizer": str(ws / "tok_other")},
                        loss={"features": {"hidden_weight": 1.0}})
     _refused(ws, tmp_path, config, "must read the same tokenizer")
+
+
+def test_rkd_angle_on_micro_batches_of_two_is_refused(ws, tmp_path):
+    config = kd_config(ws, tmp_path / "r", loss={"embedding": {"rkd_angle_weight": 1.0}}, train={"batch_size": 2})
+    config["task"] = "embedding"
+    _refused(ws, tmp_path, config, "RKD angle needs 3")
+
+
+def test_distill_cache_refuses_a_classification_config(ws, tmp_path):
+    config = kd_config(ws, tmp_path / "r", cache={"dir": str(tmp_path / "c")})
+    result = run_cli("cache", str(write_config(tmp_path / "c.yaml", config)))
+    assert result.returncode == 2 and "distill cache stores a causal LM's" in result.stderr

@@ -22,7 +22,7 @@ def test_every_example_config_validates(path):
     raw = yaml.safe_load(path.read_text())
     config = load_config(path, stage="generate" if "generate" in raw else "train")  # `distill generate` configs
     assert isinstance(config, Config)
-    assert set(raw) <= {"teacher", "student", "data", "loss", "train", "cache", "generation", "generate"}
+    assert set(raw) <= {"task", "teacher", "student", "data", "loss", "train", "cache", "generation", "generate"}
 
 
 def test_defaults_and_overrides():

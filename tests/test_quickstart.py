@@ -32,3 +32,18 @@ def test_quickstart_smoke(tmp_path):
     assert summary["models"]["teacher"]["params"] > summary["models"]["distilled"]["params"]
     assert (out / "report.html").is_file() and (out / "eval.json").is_file()
     assert "top-1 agreement" in result.stdout
+
+
+def test_quickstart_classify_smoke(tmp_path):
+    out = tmp_path / "qc"
+    result = run_cli("quickstart", "--task", "classify", "--out", str(out), "--steps", "3", "--max-eval-examples", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert set(summary["models"]) == {"teacher", "baseline", "distilled"}
+    for name, metrics in summary["models"].items():
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["latency_ms_p50"] > 0, name
+    assert summary["models"]["teacher"]["params"] > summary["models"]["distilled"]["params"]
+    results = json.loads((out / "eval.json").read_text())
+    assert results["task"] == "classification" and results["labels"] == ["fresh", "rotten"]
+    assert sum(map(sum, results["models"]["distilled"]["confusion"])) == 64
+    assert (out / "report.html").is_file() and "test accuracy" in result.stdout

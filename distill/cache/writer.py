@@ -226,6 +226,11 @@ def cache(config, overrides: Optional[list[str]] = None) -> dict:
     from distill.data import load_tokenized, tokenizer_fingerprint
 
     config = load_config(config, overrides)
+    if config.task != "causal_lm":
+        from distill.errors import UserError
+
+        raise UserError(f"distill cache stores a causal LM's token distributions; task={config.task} trains from the "
+                        "live teacher (its forward on a few classes or one embedding per example is cheap)")
     c, t = config.cache, config.teacher
     if not t.model:
         raise ConfigError("distill cache needs teacher.model (the model whose targets it stores)")

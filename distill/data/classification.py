@@ -101,22 +101,24 @@ def _texts(values: Sequence, field: str, locate) -> list[str]:
     return list(values)
 
 
-def load_classification(source: str, *, tokenizer, names: Sequence[str], text_field: str = "text",
+def load_classification(source: str, *, tokenizer, names: Optional[Sequence[str]], text_field: str = "text",
                         text_pair_field: Optional[str] = None, label_field: str = "label", max_length: int = 512,
                         split: str = "train", max_examples: Optional[int] = None, teacher_tokenizer=None,
                         cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """Rows of ``source`` as columns ``input_ids`` (truncated to ``max_length``, special tokens as the
-    tokenizer adds them), ``label`` (class index) and, with ``teacher_tokenizer``, ``teacher_input_ids``.
+    tokenizer adds them), ``label`` (class index; without ``names``, unlabelled text: no label column)
+    and, with ``teacher_tokenizer``, ``teacher_input_ids``.
 
     Raises DataError: a missing file or column, an empty set, a text that is not a string, a label
     that is not a class (each naming the row's place)."""
-    fields = [text_field, label_field] + ([text_pair_field] if text_pair_field else [])
+    fields = [text_field] + ([label_field] if names is not None else []) + ([text_pair_field] if text_pair_field else [])
     raw, src = raw_rows(source, split=split, fields=fields, max_examples=max_examples, cache_dir=cache_dir)
     locate = lambda rows: locate_rows(src, rows)  # noqa: E731
     texts = _texts(raw[text_field], text_field, locate)
     pairs = _texts(raw[text_pair_field], text_pair_field, locate) if text_pair_field else None
-    labels = label_ids(raw[label_field], names, field=label_field, locate=locate)
-    columns = {"input_ids": encode(tokenizer, texts, pairs, max_length), "label": labels}
+    columns = {"input_ids": encode(tokenizer, texts, pairs, max_length)}
+    if names is not None:
+        columns["label"] = label_ids(raw[label_field], names, field=label_field, locate=locate)
     if teacher_tokenizer is not None:
         columns["teacher_input_ids"] = encode(teacher_tokenizer, texts, pairs, max_length)
     return datasets.Dataset.from_dict(columns)
@@ -125,7 +127,11 @@ def load_classification(source: str, *, tokenizer, names: Sequence[str], text_fi
 def encode(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: int) -> list[list[int]]:
     """Token ids per row, truncated to ``max_length`` (a pair: the longer text is cut first)."""
     args = (texts,) if pairs is None else (texts, pairs)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    before = backend.truncation if backend is not None else None
     ids = tokenizer(*args, truncation="longest_first" if pairs is not None else True, max_length=max_length)["input_ids"]
+    if backend is not None and before is None and backend.truncation is not None:
+        backend.no_truncation()  # a fast tokenizer keeps the call's setting; a saved tokenizer.json would truncate
     empty = next((i for i, row in enumerate(ids) if not row), None)
     if empty is not None:
         raise DataError(f"row {empty + 1}: the text tokenizes to no tokens")
@@ -135,7 +141,7 @@ def encode(tokenizer, texts: list[str], pairs: Optional[list[str]], max_length: 
 def collate_classification(rows: dict, *, pad_token_id: int, teacher_pad_token_id: Optional[int] = None,
                            device=None) -> dict:
     """A batch from ``dataset[indices]``: right-padded ``input_ids`` and ``attention_mask`` (B, T),
-    ``labels`` (B,), and the teacher's own ``teacher_input_ids`` / ``teacher_attention_mask`` when present."""
+    ``labels`` (B,) when the rows have them, and the teacher's own ``teacher_input_ids`` / ``teacher_attention_mask`` when present."""
     def pad(seqs, pad_id):
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -146,7 +152,9 @@ def collate_classification(rows: dict, *, pad_token_id: int, teacher_pad_token_i
         return ids, mask
 
     ids, mask = pad(rows["input_ids"], pad_token_id)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(rows["label"], dtype=torch.long)}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "label" in rows:
+        batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long)
     if "teacher_input_ids" in rows:
         batch["teacher_input_ids"], batch["teacher_attention_mask"] = pad(
             rows["teacher_input_ids"], pad_token_id if teacher_pad_token_id is None else teacher_pad_token_id)
