@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -79,17 +78,10 @@ def run_config(out: Path, name: str, *, arch: Optional[dict] = None, teacher: Op
 
 
 def train_run(config: dict, progress: bool = True) -> dict:
-    import yaml
+    """One run, as the LM quickstart runs its students (config written beside it, wall time kept)."""
+    from distill.quickstart import train_student
 
-    from distill.training import train
-
-    out = Path(config["train"]["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump({**config, "train": {**config["train"], "progress": progress}}, sort_keys=False))
-    tic = time.perf_counter()
-    result = train(path)
-    return {**result, "wall_s": time.perf_counter() - tic, "config": str(path)}
+    return train_student(config, progress)
 
 
 def quickstart_classify(out: str | os.PathLike = "runs/quickstart-classify", *, minutes: float = DEFAULT_MINUTES,
