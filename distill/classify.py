@@ -29,9 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -49,88 +48,14 @@ from distill.data.classification import (class_names, collate_classification, lo
 from distill.data.sources import DataError
 from distill.errors import UserError
 from distill.losses import forward_kl, get_divergence, kd_loss
-from distill.losses.features import (FeatureProjection, attention_kl, check_layer_map, embedding_loss,
-                                     hidden_state_loss, pool, relation_kl, rkd_angle, rkd_distance,
-                                     similarity_matrix_loss, uniform_layer_map)
-from distill.training import (MetricsLog, NonFiniteError, _check_same_run, _flat, _nothing_saved, _number, _show,
-                              batch_indices, build_optimizer, checkpoints, clean_leftovers, nonfinite_problem,
-                              save_checkpoint, save_student, sigterm_as_interrupt)
+from distill.features import (Capture, FeatureSettings, check_attentions, check_relation_widths, feature_projections,
+                              feature_settings, layer_modules, per_position_terms, qkv_modules, use_eager_attention)
+from distill.losses.features import FeatureProjection, embedding_loss, pool, rkd_angle, rkd_distance, similarity_matrix_loss
+from distill.training import (MetricsLog, _check_same_run, _flat, _number, _show, batch_indices, build_optimizer,
+                              checkpoint_on_interrupt, checkpoints, clean_leftovers, nonfinite_problem,
+                              save_checkpoint, save_student, settle_step)
 
 log = logging.getLogger(__name__)
-
-# The q / k / v projections inside one attention layer, by the names the common architectures use.
-_QKV = {"query": ("query", "q_proj", "q_lin"), "key": ("key", "k_proj", "k_lin"),
-        "value": ("value", "v_proj", "v_lin")}
-_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|layer|blocks)\.(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature terms
-
-
-def layer_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer layers, in order (``encoder.layer.N``, ``model.layers.N``, ...)."""
-    found = {}
-    for name, module in model.named_modules():
-        m = _LAYER.match(name)
-        if m is not None and int(m.group(1)) not in found:
-            found[int(m.group(1))] = module
-    return [found[i] for i in sorted(found)]
-
-
-def qkv_modules(layer: nn.Module, where: str) -> dict[str, nn.Module]:
-    """The query / key / value projections of one layer (a fused qkv projection is not supported)."""
-    out = {}
-    for kind, names in _QKV.items():
-        hits = [m for n, m in layer.named_modules() if n.split(".")[-1] in names and isinstance(m, nn.Linear)]
-        if len(hits) != 1:
-            raise UserError(f"loss.features.relation_weight: cannot find one {kind} projection in {where}'s layer "
-                            f"(looked for a Linear named {' / '.join(names)}); attention relations need separate "
-                            "q / k / v projections")
-        out[kind] = hits[0]
-    return out
-
-
-class Capture:
-    """Forward hooks that keep the outputs of modules by name until ``clear``."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.outputs: dict[str, Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(k)) for k, m in modules.items()]
-
-    def _hook(self, key):
-        def hook(module, args, output):
-            self.outputs[key] = output
-        return hook
-
-    def clear(self) -> None:
-        self.outputs = {}
-
-
-@dataclass
-class FeatureSettings:
-    hidden_weight: float = 0.0
-    hidden_kind: str = "mse"
-    layer_map: list[int] = field(default_factory=list)  # teacher layer per student layer (-1: none)
-    include_embeddings: bool = False
-    attention_weight: float = 0.0
-    attention_heads: str = "match"
-    relation_weight: float = 0.0
-    relation_heads: int = 0
-    embedding: Optional[dict] = None  # task=embedding: pooling, kind and the weights of loss.embedding
-
-    @property
-    def hidden(self) -> bool:
-        return self.hidden_weight > 0
-
-    @property
-    def attentions(self) -> bool:
-        return self.attention_weight > 0
-
-    @property
-    def relations(self) -> bool:
-        return self.relation_weight > 0
-
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """(B, T) per-position values -> (B,) mean over each row's real positions."""
@@ -148,21 +73,13 @@ class ClassifierStudent(nn.Module):
         self.model = model
         self.features = features
         width = model.config.hidden_size
-        pairs = self.hidden_pairs()
-        self.projections = nn.ModuleDict({str(s): FeatureProjection(width, teacher_width) for s, _ in pairs}
-                                         if features.hidden else {})
+        self.projections = feature_projections(features, width, teacher_width)
         e = features.embedding
         self.embedding_projection = (FeatureProjection(width, teacher_width) if e is not None and e["weight"] > 0
                                      else None)
         self.capture = None
         if features.relations:
             self.capture = Capture(qkv_modules(layer_modules(model)[-1], "the student"))
-
-    def hidden_pairs(self) -> list[tuple[int, int]]:
-        """(student, teacher) indices into ``hidden_states`` (0: the embeddings)."""
-        f = self.features
-        pairs = [(s + 1, t + 1) for s, t in enumerate(f.layer_map) if t >= 0]
-        return [(0, 0)] + pairs if f.include_embeddings else pairs
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, teacher: Optional[dict] = None):
         f = self.features
@@ -186,42 +103,14 @@ class ClassifierStudent(nn.Module):
                 terms["rkd_distance"] = rkd_distance(result, t_emb)
             if e["rkd_angle_weight"] > 0:
                 terms["rkd_angle"] = rkd_angle(result, t_emb)
-        if f.hidden:  # FitNets / TinyBERT: mean over the real tokens and the mapped layers
-            per = [_masked_mean(hidden_state_loss(out.hidden_states[s], teacher["hidden"][t], kind=f.hidden_kind,
-                                                  projection=self.projections[str(s)]), mask)
-                   for s, t in self.hidden_pairs()]
-            terms["hidden"] = torch.stack(per).mean(0)
-        if f.attentions:
-            check_attentions(out.attentions, "the student")
-            per = [_masked_mean(attention_kl(out.attentions[s], teacher["attentions"][t], mask, heads=f.attention_heads),
-                                mask) for s, t in enumerate(f.layer_map) if t >= 0]
-            terms["attention"] = torch.stack(per).mean(0)
-        if f.relations:  # MiniLM v2: q-q, k-k and v-v relations of the last layer, averaged
-            qkv = self.capture.outputs
-            per = [_masked_mean(relation_kl(qkv[k], teacher["qkv"][k], mask, relation_heads=f.relation_heads), mask)
-                   for k in _QKV]
-            terms["relation"] = torch.stack(per).mean(0)
+        if f.any:  # each the mean over the example's real tokens and the mapped layers
+            if f.attentions:
+                check_attentions(out.attentions, "the student")
+            mine = {"hidden": out.hidden_states, "attentions": out.attentions,
+                    "qkv": self.capture.outputs if self.capture is not None else {}}
+            terms.update({k: _masked_mean(v, mask) for k, v in
+                          per_position_terms(f, self.projections, mine, teacher, mask).items()})
         return result, terms
-
-
-def check_attentions(attentions, what: str) -> None:
-    if attentions is None or any(a is None for a in attentions):
-        raise UserError(f"loss.features.attention_weight: {what}'s attention implementation returned no attention "
-                        "probabilities (flash / sdpa kernels cannot); it must run eager attention")
-
-
-def use_eager_attention(model: nn.Module, what: str) -> None:
-    """Attention maps need the probabilities, which only eager attention returns: switch, and say so."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current == "eager":
-        return
-    try:
-        model.set_attn_implementation("eager")
-    except (ValueError, AttributeError) as e:
-        raise UserError(f"loss.features.attention_weight needs attention probabilities, but {what} cannot run eager "
-                        f"attention: {e}") from None
-    log.warning("loss.features.attention_weight: %s runs eager attention (it was %s), which returns the attention "
-                "probabilities and is slower and heavier than fused kernels", what, current)
 
 
 @torch.no_grad()
@@ -262,7 +151,7 @@ class ClassificationLoss:
         e = f.embedding or {}
         return {"embedding": e.get("weight", 0.0), "similarity": e.get("similarity_weight", 0.0),
                 "rkd_distance": e.get("rkd_distance_weight", 0.0), "rkd_angle": e.get("rkd_angle_weight", 0.0),
-                "hidden": f.hidden_weight, "attention": f.attention_weight, "relation": f.relation_weight}
+                **f.weights()}
 
 
 def micro_batch_loss(model: nn.Module, teacher: Optional[nn.Module], batch: dict, s: ClassificationLoss,
@@ -406,30 +295,6 @@ def give_pad_id(model: nn.Module, tokenizer) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def feature_settings(config: Config, student: nn.Module, teacher: Optional[nn.Module]) -> FeatureSettings:
-    f = config.loss.features
-    e = None
-    if config.task == "embedding":
-        from dataclasses import asdict
-
-        from distill.config import EmbeddingConfig
-
-        e = asdict(config.loss.embedding or EmbeddingConfig())
-    if f is None:
-        return FeatureSettings(embedding=e)
-    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    try:
-        layer_map = (check_layer_map(f.layer_map, n_s, n_t) if f.layer_map is not None
-                     else uniform_layer_map(n_s, n_t))
-    except ValueError as e:
-        raise UserError(f"loss.features.layer_map: {e}") from None
-    heads = f.relation_heads or student.config.num_attention_heads
-    return FeatureSettings(hidden_weight=f.hidden_weight, hidden_kind=f.hidden_kind, layer_map=layer_map,
-                           include_embeddings=f.include_embeddings, attention_weight=f.attention_weight,
-                           attention_heads=f.attention_heads, relation_weight=f.relation_weight, relation_heads=heads,
-                           embedding=e)
-
-
 def build_models(config: Config):
     """(tokenizer, teacher_tokenizer, teacher or None, student, class names, data rows' names source)."""
     d = config.data
@@ -549,7 +414,7 @@ def train_classifier(config: Config) -> dict:
     set_seed(t.seed)
 
     tokenizer, teacher_tokenizer, teacher, student, names = build_models(config)  # names: None for embedding
-    features = feature_settings(config, student, teacher) if teacher is not None else FeatureSettings()
+    features = feature_settings(config, student, teacher)
     separate = teacher is not None and not _same_tokenizer(tokenizer, teacher_tokenizer)
     if separate and (features.hidden or features.attentions or features.relations):
         raise UserError("loss.features compare the two models token by token: the teacher and the student must read "
@@ -559,17 +424,8 @@ def train_classifier(config: Config) -> dict:
         use_eager_attention(teacher, "the teacher")
     t_capture = None
     if features.relations:
-        t_layers = layer_modules(teacher)
-        index = config.loss.features.relation_layer
-        index = len(t_layers) - 1 if index is None else index
-        if not 0 <= index < len(t_layers):
-            raise UserError(f"loss.features.relation_layer {index} is outside the teacher's 0..{len(t_layers) - 1}")
-        t_capture = Capture(qkv_modules(t_layers[index], "the teacher"))
-        for side, m in (("student", student), ("teacher", teacher)):
-            for kind, lin in qkv_modules(layer_modules(m)[-1 if side == "student" else index], f"the {side}").items():
-                if lin.out_features % features.relation_heads:
-                    raise UserError(f"loss.features.relation_heads={features.relation_heads} does not divide the "
-                                    f"{side}'s {kind} width {lin.out_features}")
+        t_capture = Capture(qkv_modules(layer_modules(teacher)[features.relation_layer], "the teacher"))
+        check_relation_widths(features, student, teacher)
     wrapped = ClassifierStudent(student, features,
                                 teacher_width=teacher.config.hidden_size if teacher is not None else 0)
     settings = ClassificationLoss(
@@ -629,8 +485,7 @@ def train_classifier(config: Config) -> dict:
     if eval_set is not None and t.eval_at_start and state["step"] == 0:
         metrics.write({"step": 0, **run_eval(model, teacher, eval_set, **eval_args)})
     tic = time.perf_counter()
-    restore_sigterm = sigterm_as_interrupt()
-    try:
+    with checkpoint_on_interrupt(accelerator, out, state, t.keep_checkpoints, progress):
         while state["step"] < max_steps:
             step = state["step"]
             index_of = lambda r, m: batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,  # noqa: E731
@@ -657,27 +512,8 @@ def train_classifier(config: Config) -> dict:
             problem = nonfinite_problem(reduced[k] > 0, torch.tensor(reduced[k + 1:]).view(world, len(batches), 2),
                                         index_of)
             lr = scheduler.get_last_lr()[0]
-            if problem is None:
-                optimizer.step()
-                scheduler.step()
-                state["consecutive_skips"] = 0
-            else:
-                state["consecutive_skips"] += 1
-                where = f"step {step + 1}: {problem}"
-                if t.nonfinite == "stop":
-                    progress.close()
-                    raise NonFiniteError(f"{where}; {_nothing_saved(out)}; set train.nonfinite=skip to skip such "
-                                         "steps, and run the same command again to resume")
-                if state["consecutive_skips"] >= t.max_skipped_steps:
-                    progress.close()
-                    raise NonFiniteError(f"{state['consecutive_skips']} optimizer steps in a row were non-finite "
-                                         f"(train.max_skipped_steps={t.max_skipped_steps}), the last at {where}; "
-                                         f"{_nothing_saved(out)}")
-                state["skipped_steps"] += 1
-                if accelerator.scaler is not None:
-                    accelerator.scaler.update()
-                if main:
-                    progress.write(f"skipped {where}")
+            settle_step(problem, step=step, state=state, optimizer=optimizer, scheduler=scheduler,
+                        accelerator=accelerator, progress=progress, out=out, t=t)
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             w = state["window"]
@@ -707,14 +543,6 @@ def train_classifier(config: Config) -> dict:
             faults.point("step")
             if (t.save_every and step % t.save_every == 0) or step == max_steps:
                 save_checkpoint(accelerator, out, state, t.keep_checkpoints)
-    except KeyboardInterrupt:
-        progress.close()
-        if state["step"] > 0 and not (out / "checkpoints" / f"step-{state['step']:08d}").exists():
-            path = save_checkpoint(accelerator, out, state, t.keep_checkpoints)
-            accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
-        raise
-    finally:
-        restore_sigterm()
     progress.close()
     final = out / "student"
     if main:  # the classifier alone, with its class names; the projections stay in the checkpoints

@@ -92,7 +92,7 @@ class LossConfig:
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
     discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
     cross_tokenizer: Optional[CrossTokenizerConfig] = None  # a teacher with another tokenizer (aligned by bytes)
-    features: Optional[FeatureConfig] = None  # task=classification / embedding: hidden-state / attention / relation terms
+    features: Optional[FeatureConfig] = None  # hidden-state / attention / relation terms (every task)
     embedding: Optional[EmbeddingConfig] = None  # task=embedding (default: cosine of mean-pooled embeddings)
 
 
@@ -431,9 +431,8 @@ def validate(c: Config) -> None:
         _check(loss.kd_weight + loss.ce_weight + feature_weight > 0,
                "loss.kd_weight and loss.ce_weight are both 0: nothing to train")
     if f is not None:
-        _check(c.task != "causal_lm", "loss.features applies to task=classification and embedding (the causal-LM "
-                                      "loop has no feature terms yet; from Python, distill.distiller.Distiller has "
-                                      "them)")
+        _check(loss.cross_tokenizer is None, "loss.features compare the two models position by position: they "
+                                             "need the same tokenizer (loss.cross_tokenizer has none)")
         _check(min(f.hidden_weight, f.attention_weight, f.relation_weight) >= 0,
                "loss.features: hidden_weight, attention_weight and relation_weight must be >= 0")
         _check(f.layer_map is None or (bool(f.layer_map) and min(f.layer_map) >= -1),

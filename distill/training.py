@@ -12,6 +12,7 @@ and one process with micro-batch 8 sees exactly the examples that two processes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import logging
@@ -27,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.batches import StepBatches, step_batches, step_source
@@ -39,6 +40,8 @@ from distill.data.formats import PROMPT_FORMATS
 from distill.errors import UserError
 from distill.export import qat
 from distill.export.torchao_build import is_torchao_folder
+from distill.features import (FeatureSettings, LayerTaps, check_attentions, check_relation_widths,
+                              feature_projections, feature_settings, per_position_terms, use_eager_attention)
 from distill import faults
 from distill.generation import NonFiniteGuard, SamplingSettings, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, LossParts, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
@@ -84,16 +87,39 @@ class NonFiniteError(UserError):
 
 class Backbone(nn.Module):
     """Wraps a causal LM so its forward returns final hidden states (the LM head is fused into the
-    chunked loss) or, with ``logits=True``, ordinary logits (the dense path)."""
+    chunked loss) or, with ``logits=True``, ordinary logits (the dense path).
 
-    def __init__(self, model: nn.Module):
+    With ``features`` (loss.features), it also holds what is trained with the student and never
+    saved with it (the hidden-state projections) and hooks on the student's layers; a forward given
+    ``teacher_features`` (the teacher's, from ``LayerTaps``) and ``positions`` (B, T) bool returns
+    (output, {term: sum over those positions}), so every trained parameter is used inside one
+    forward (what DDP needs)."""
+
+    def __init__(self, model: nn.Module, features: Optional[FeatureSettings] = None, teacher_width: int = 0):
         super().__init__()
         self.model = model
+        self.features = features if features is not None and features.any else None
+        if self.features is not None:
+            self.projections = feature_projections(self.features, model.config.hidden_size, teacher_width)
+            self.taps = LayerTaps(model, self.features, side="student", relation_layer=-1)
 
-    def forward(self, input_ids, attention_mask, logits: bool = False):
+    def _run(self, input_ids, attention_mask, logits: bool):
         if logits:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+
+    def forward(self, input_ids, attention_mask, logits: bool = False, teacher_features: Optional[dict] = None,
+                positions: Optional[Tensor] = None):
+        if teacher_features is None or self.features is None:
+            return self._run(input_ids, attention_mask, logits)
+        with self.taps.recording() as seen:
+            out = self._run(input_ids, attention_mask, logits)
+        mine = LayerTaps.grouped(seen)
+        if self.features.attentions:
+            check_attentions(mine["attentions"], "the student")
+        per = per_position_terms(self.features, self.projections, mine, teacher_features, attention_mask.bool(),
+                                 causal=True)  # (B, T) each
+        return out, {k: v[positions].sum() for k, v in per.items()}
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -150,6 +176,7 @@ class LossSettings:
     sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
     discount: float = 0.0  # sampled_reverse_kl: discount of the advantage over the rest of the completion
     cross: Optional[dict] = None  # a teacher with another tokenizer: exact_weight, uld_weight, uld_tokens
+    features: Optional[FeatureSettings] = None  # loss.features: hidden-state / attention / relation terms
 
     @property
     def want(self) -> str:
@@ -159,46 +186,80 @@ class LossSettings:
         return "token_logprobs" if self.divergence == SAMPLED_OBJECTIVE else "hidden" if self.chunk_size else "logits"
 
 
-def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, examples: Optional[list[int]] = None):
+def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, examples: Optional[list[int]] = None,
+                     taps: Optional[LayerTaps] = None):
     """(LossParts (sums), teacher_ok) for one micro-batch. ``teacher`` (a ``distill.teachers`` source,
     or None for CE alone) says what it says about the supervised positions; ``examples`` are the rows'
     training-example indices (a cache looks targets up by them). ``teacher_ok`` is a 0-dim bool tensor
-    saying the teacher's signal is finite, or None without a teacher."""
+    saying the teacher's signal is finite, or None without a teacher. With ``s.features``, ``taps``
+    (hooks on the live teacher's model) give the teacher's features, and the feature terms, summed
+    over the positions that predict a supervised token, are added with their weights."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != -100
     tokens = labels[mask]  # (N,)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     asked = inputs | ({"teacher_rows": batch["teacher_rows"]} if "teacher_rows" in batch else {})
-    signal: Optional[TeacherSignal] = (teacher.signal(asked, mask, examples, want=s.want, tokens=tokens)
-                                       if teacher is not None else None)
+    features = s.features is not None and teacher is not None
+    with taps.recording() if features else contextlib.nullcontext({}) as seen:
+        signal: Optional[TeacherSignal] = (teacher.signal(asked, mask, examples, want=s.want, tokens=tokens)
+                                           if teacher is not None else None)
+    teacher_features = LayerTaps.grouped(seen) if features else None
     teacher_ok = signal.ok if signal is not None else None
-    head = _unwrap(student).model.get_output_embeddings()
+    sums: dict = {}  # the feature terms' sums, when the student's forward computes them
+    if teacher_features is None:
+        def forward(logits: bool = False) -> Tensor:
+            return student(**inputs, logits=logits)
+    else:
+        if s.features.attentions:
+            check_attentions(teacher_features["attentions"], "the teacher")
+        positions = torch.nn.functional.pad(mask, (0, 1))  # (B, T): the positions that predict a supervised token
+
+        def forward(logits: bool = False) -> Tensor:
+            out, terms = student(**inputs, logits=logits, teacher_features=teacher_features, positions=positions)
+            sums.update(terms)
+            return out
+    parts = _objective(forward, head_of(student), signal, mask, tokens, s)
+    if sums:
+        weights = s.features.weights()
+        parts = dataclasses.replace(parts, loss=parts.loss + sum(weights[k] * v for k, v in sums.items()),
+                                    features={k: v.detach() for k, v in sums.items()})
+    return parts, teacher_ok
+
+
+def head_of(student: nn.Module) -> nn.Module:
+    return _unwrap(student).model.get_output_embeddings()
+
+
+def _objective(forward, head: nn.Module, signal: Optional[TeacherSignal], mask: Tensor, tokens: Tensor,
+               s: LossSettings) -> LossParts:
+    """The token-level objective of one micro-batch (sums), given the teacher's signal; ``forward(logits)``
+    runs the student (final hidden states, or logits)."""
     if s.cross is not None:
-        return cross_tokenizer_micro_batch(student(**inputs), head, tokens, mask, signal, s), teacher_ok
+        return cross_tokenizer_micro_batch(forward(), head, tokens, mask, signal, s)
     if s.divergence == SAMPLED_OBJECTIVE:  # only log q(y_t) of the sampled tokens is needed
         if s.chunk_size:
-            logq = chunked_token_logprobs(student(**inputs)[:, :-1][mask], head.weight, tokens, bias=head.bias,
+            logq = chunked_token_logprobs(forward()[:, :-1][mask], head.weight, tokens, bias=head.bias,
                                           vocab_size=s.vocab_size, chunk_size=s.chunk_size)  # (N,)
         else:
-            logq = token_logprobs(slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size), tokens)
+            logq = token_logprobs(slice_vocab(forward(True)[:, :-1][mask], s.vocab_size), tokens)
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,) completion ids
         return sampled_kd_loss(logq, signal.token_logprobs if signal is not None else None, segments=rows,
-                               discount=s.discount, kd_weight=s.kd_weight, ce_weight=s.ce_weight), teacher_ok
+                               discount=s.discount, kd_weight=s.kd_weight, ce_weight=s.ce_weight)
     common = dict(divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
                   kd_weight=s.kd_weight, ce_weight=s.ce_weight, **s.divergence_kwargs)
     if s.chunk_size:
-        hidden = student(**inputs)[:, :-1][mask]  # (N, d): supervised positions only
+        hidden = forward()[:, :-1][mask]  # (N, d): supervised positions only
         teacher_args = signal.chunked_kwargs() if signal is not None else {}
         if signal is not None and signal.targets is not None:
             teacher_args["sparse_mode"] = s.sparse_mode
         return chunked_kd_loss(hidden, head.weight, tokens, student_bias=head.bias, vocab_size=s.vocab_size,
-                               chunk_size=s.chunk_size, **teacher_args, **common), teacher_ok
+                               chunk_size=s.chunk_size, **teacher_args, **common)
     # Dense: full logits, but the loss only on the supervised rows (no work on prompts or padding).
-    logits = slice_vocab(student(**inputs, logits=True)[:, :-1][mask], s.vocab_size)  # (N, V)
+    logits = slice_vocab(forward(True)[:, :-1][mask], s.vocab_size)  # (N, V)
     if signal is not None and signal.targets is not None:
         return sparse_kd_loss(logits, signal.targets, tokens, mode=s.sparse_mode, temperature=s.temperature,
-                              scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight), teacher_ok
-    return kd_loss(logits, signal.logits if signal is not None else None, tokens, **common), teacher_ok
+                              scale_by_tau2=s.scale_by_tau2, kd_weight=s.kd_weight, ce_weight=s.ce_weight)
+    return kd_loss(logits, signal.logits if signal is not None else None, tokens, **common)
 
 
 def cross_tokenizer_micro_batch(hidden: Tensor, head: nn.Module, tokens: Tensor, mask: Tensor,
@@ -607,6 +668,18 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             exact_mode=cross.exact_mode, uld_top_k=cross.uld_top_k,
             teacher_ids=torch.tensor(aligner.teacher_ids), student_ids=torch.tensor(aligner.student_ids)))
 
+    # Feature terms (loss.features): hooks on both models' layers, projections trained beside the student.
+    features = feature_settings(config, student, teacher) if L.features is not None else None
+    features, teacher_taps = (features if features is not None and features.any else None), None
+    if features is not None:
+        if features.attentions:
+            use_eager_attention(student, "the student")
+            use_eager_attention(teacher, "the teacher")
+        if features.relations:
+            check_relation_widths(features, student, teacher)
+        teacher_taps = LayerTaps(teacher, features, side="teacher", relation_layer=features.relation_layer)
+        settings.features = features
+
     # Data, tokenized once and cached.
     d = config.data
     data_args = training_data_args(config, tokenizer, **(dict(  # chat rows: the teacher reads its own template
@@ -636,12 +709,13 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                                                chunk_size=settings.chunk_size or DEFAULT_CHUNK_SIZE)
     elif teacher is not None:
         teacher_source = LiveTeacher(teacher, vocab_size, chunk_size=settings.chunk_size or DEFAULT_CHUNK_SIZE)
-    loss_teacher = teacher_source if L.kd_weight > 0 else None
+    loss_teacher = teacher_source if L.kd_weight > 0 or features is not None else None
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
-    optimizer, scheduler = build_optimizer(student.parameters(), t, max_steps)
+    backbone = Backbone(student, features, teacher_width=teacher.config.hidden_size if features is not None else 0)
+    optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
     # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
-    model, optimizer = accelerator.prepare(Backbone(student), optimizer)
+    model, optimizer = accelerator.prepare(backbone, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -667,7 +741,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     samples_log = MetricsLog(out / "samples.jsonl", enabled=main and g.log_samples > 0)
     state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0],  # loss, kd, ce, tokens, steps since last log
              "skipped_steps": 0, "consecutive_skips": 0,  # steps dropped for non-finite values (train.nonfinite)
-             "window_generated": 0, "window_sources": {}}  # sampled tokens and steps by source since last log
+             "window_generated": 0, "window_sources": {},  # sampled tokens and steps by source since last log
+             "window_features": {k: 0.0 for k, w in (features.weights() if features else {}).items() if w > 0}}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = {**state, **json.loads((resume_from / "trainer_state.json").read_text())}
@@ -693,8 +768,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         metrics.write({"step": 0, **evaluate(model, teacher_for_eval, eval_set, **eval_args)})
     tic, tokens_seen = time.perf_counter(), 0
     timing = {"generation": 0.0, "step": 0.0}  # this process's seconds since the last log (not checkpointed)
-    restore_sigterm = sigterm_as_interrupt()  # preemption saves a checkpoint, as Ctrl-C does
-    try:
+    with checkpoint_on_interrupt(accelerator, out, state, t.keep_checkpoints, progress):
         while state["step"] < max_steps:
             step = state["step"]
             indices = [batch_indices(step, m, n=len(train_set), batch_size=t.batch_size, accum=t.grad_accum_steps,
@@ -709,7 +783,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             step_tic = time.perf_counter()
             local = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
             n_global = accelerator.reduce(local.to(accelerator.device), reduction="sum").item()
-            step_sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, kd, ce, generated
+            feature_names = list(state["window_features"])
+            # loss, kd, ce, generated, then the feature terms
+            step_sums = torch.zeros(4 + len(feature_names), dtype=torch.float64, device=accelerator.device)
             step_sums[3] = made.generated_tokens
             # 1 where a micro-batch's teacher signal / student loss is non-finite; checked once per step.
             bad = torch.zeros(world, len(batches), 2, dtype=torch.float64, device=accelerator.device)
@@ -719,42 +795,27 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 with sync:
                     with accelerator.autocast():
                         parts, teacher_ok = micro_batch_loss(model, loss_teacher, batch, settings,
-                                                             made.examples[m] if source == "data" else None)
+                                                             made.examples[m] if source == "data" else None,
+                                                             taps=teacher_taps)
                     accelerator.backward(parts.loss * (world / max(n_global, 1)))
                 if teacher_ok is not None:
                     bad[rank, m, 0] = (~teacher_ok).double()
                 bad[rank, m, 1] = (~torch.isfinite(parts.loss.detach())).double()
                 step_sums[:3] += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
+                for i, name in enumerate(feature_names):
+                    step_sums[4 + i] += parts.features[name].double()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
             # fp16's loss scaler finds and skips overflowing gradients itself: not an error.
             grad_bad = (~torch.isfinite(grad_norm)).double().view(1) * (accelerator.scaler is None) / world
             reduced = accelerator.reduce(torch.cat([step_sums, grad_bad, bad.flatten()]), reduction="sum").tolist()
-            problem = nonfinite_problem(reduced[4] > 0, torch.tensor(reduced[5:]).view(world, len(batches), 2),
+            k = len(step_sums)
+            problem = nonfinite_problem(reduced[k] > 0, torch.tensor(reduced[k + 1:]).view(world, len(batches), 2),
                                         lambda r, m: batch_indices(step, m, n=len(train_set), batch_size=t.batch_size,
                                                                    accum=t.grad_accum_steps, world=world, rank=r,
                                                                    seed=t.seed))
             lr = scheduler.get_last_lr()[0]
-            if problem is None:
-                optimizer.step()
-                scheduler.step()
-                state["consecutive_skips"] = 0
-            else:  # nothing of this step reaches the parameters, the optimizer state or the schedule
-                state["consecutive_skips"] += 1
-                where = f"step {step + 1}: {problem}"
-                if t.nonfinite == "stop":
-                    progress.close()
-                    raise NonFiniteError(f"{where}; {_nothing_saved(out)}; set train.nonfinite=skip to skip such "
-                                         "steps, and run the same command again to resume")
-                if state["consecutive_skips"] >= t.max_skipped_steps:
-                    progress.close()
-                    raise NonFiniteError(f"{state['consecutive_skips']} optimizer steps in a row were non-finite "
-                                         f"(train.max_skipped_steps={t.max_skipped_steps}), the last at {where}; "
-                                         f"{_nothing_saved(out)}")
-                state["skipped_steps"] += 1
-                if accelerator.scaler is not None:
-                    accelerator.scaler.update()  # its unscale of this step must be closed
-                if main:
-                    progress.write(f"skipped {where}")
+            settle_step(problem, step=step, state=state, optimizer=optimizer, scheduler=scheduler,
+                        accelerator=accelerator, progress=progress, out=out, t=t)
             optimizer.zero_grad(set_to_none=True)
             timing["generation"] += made.generation_s
             timing["step"] += time.perf_counter() - step_tic
@@ -764,6 +825,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             state["step"] = step = step + 1
             if problem is None:
                 state["window"] = [w + v for w, v in zip(state["window"], [*reduced[:3], n_global, 1])]
+                for i, name in enumerate(feature_names):
+                    state["window_features"][name] += reduced[4 + i]
             if source != "data":
                 state["window_generated"] += int(reduced[3])
                 state["window_sources"][source] = state["window_sources"].get(source, 0) + 1
@@ -775,7 +838,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 per = (lambda x: x / n_tok) if n_tok else (lambda x: None)  # None: every step of the window skipped
                 record = {"step": step, "loss": per(loss_sum), "kd": per(kd_sum),
                           "kd_scaled": per(kd_sum * (L.temperature ** 2 if L.scale_by_tau2 else 1.0)),
-                          "ce": per(ce_sum), "lr": lr, "grad_norm": _number(grad_norm),
+                          "ce": per(ce_sum), **{name: per(v) for name, v in state["window_features"].items()},
+                          "lr": lr, "grad_norm": _number(grad_norm),
                           "supervised_tokens": int(n_tok), "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                           "skipped_steps": state["skipped_steps"]}
                 if g.lmbda > 0 or g.seq_kd:  # steps by who wrote their completions, and what was sampled
@@ -795,6 +859,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=_show(record["loss"]), tok_s=f"{record['tokens_per_s']:.0f}")
                 state["window"] = [0.0, 0.0, 0.0, 0.0, 0.0]
+                state["window_features"] = {name: 0.0 for name in state["window_features"]}
                 state["window_generated"], state["window_sources"] = 0, {}
                 tic, tokens_seen = time.perf_counter(), 0
                 timing = {"generation": 0.0, "step": 0.0}
@@ -808,14 +873,6 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             faults.point("step")
             if (t.save_every and step % t.save_every == 0) or step == max_steps:
                 save_checkpoint(accelerator, out, state, t.keep_checkpoints)
-    except KeyboardInterrupt:
-        progress.close()
-        if state["step"] > 0 and not (out / "checkpoints" / f"step-{state['step']:08d}").exists():
-            path = save_checkpoint(accelerator, out, state, t.keep_checkpoints)
-            accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
-        raise
-    finally:
-        restore_sigterm()
     progress.close()
 
     # The student in standard Hugging Face format, written whole or not at all.
@@ -828,6 +885,52 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"step": state["step"], "output_dir": str(out), "student": str(final), **eval_result}
+
+
+def settle_step(problem: Optional[str], *, step: int, state: dict, optimizer, scheduler, accelerator: Accelerator,
+                progress, out: Path, t) -> None:
+    """Take the optimizer step, or, when ``problem`` (from ``nonfinite_problem``) says the step was
+    non-finite, drop it: nothing of it reaches the parameters, the optimizer state or the schedule.
+    ``train.nonfinite=stop`` then raises NonFiniteError; ``skip`` counts it and raises only after
+    ``train.max_skipped_steps`` in a row. ``state`` (checkpointed) keeps the counts."""
+    if problem is None:
+        optimizer.step()
+        scheduler.step()
+        state["consecutive_skips"] = 0
+        return
+    state["consecutive_skips"] += 1
+    where = f"step {step + 1}: {problem}"
+    if t.nonfinite == "stop":
+        progress.close()
+        raise NonFiniteError(f"{where}; {_nothing_saved(out)}; set train.nonfinite=skip to skip such "
+                             "steps, and run the same command again to resume")
+    if state["consecutive_skips"] >= t.max_skipped_steps:
+        progress.close()
+        raise NonFiniteError(f"{state['consecutive_skips']} optimizer steps in a row were non-finite "
+                             f"(train.max_skipped_steps={t.max_skipped_steps}), the last at {where}; "
+                             f"{_nothing_saved(out)}")
+    state["skipped_steps"] += 1
+    if accelerator.scaler is not None:
+        accelerator.scaler.update()  # its unscale of this step must be closed
+    if accelerator.is_main_process:
+        progress.write(f"skipped {where}")
+
+
+@contextlib.contextmanager
+def checkpoint_on_interrupt(accelerator: Accelerator, out: Path, state: dict, keep: int, progress):
+    """Around a training loop: Ctrl-C or SIGTERM (preemption) saves a checkpoint of the last finished
+    step (unless it is saved already), says how to resume, and re-raises."""
+    restore_sigterm = sigterm_as_interrupt()
+    try:
+        yield
+    except KeyboardInterrupt:
+        progress.close()
+        if state["step"] > 0 and not (out / "checkpoints" / f"step-{state['step']:08d}").exists():
+            path = save_checkpoint(accelerator, out, state, keep)
+            accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
+        raise
+    finally:
+        restore_sigterm()
 
 
 def nonfinite_problem(grad_bad: bool, bad, indices_of) -> Optional[str]:

@@ -165,8 +165,11 @@ def test_classification_has_its_own_loss_defaults_and_refusals():
         CLASSIFICATION_LOSS_DEFAULTS[k] for k in ("temperature", "kd_weight", "ce_weight"))
     assert load_config(base, ["loss.temperature=8"]).loss.temperature == 8.0  # what the user gives wins
     assert load_config({k: v for k, v in base.items() if k != "task"}).loss.temperature == 1.0  # LM default
-    with pytest.raises(ConfigError, match="applies to task=classification"):
-        load_config({k: v for k, v in base.items() if k != "task"}, ["loss.features.hidden_weight=1"])
+    lm = load_config({k: v for k, v in base.items() if k != "task"}, ["loss.features.hidden_weight=1"])
+    assert lm.loss.features.hidden_weight == 1.0  # the causal-LM loop has the feature terms too
+    with pytest.raises(ConfigError, match="need the same tokenizer"):
+        load_config({k: v for k, v in base.items() if k != "task"}, ["loss.features.hidden_weight=1",
+                                                                      "loss.cross_tokenizer.uld_weight=1"])
     with pytest.raises(ConfigError, match="teacher.source=cache is for causal LMs"):
         load_config(base, ["teacher.source=cache", "cache.dir=x"])
     with pytest.raises(ConfigError, match="has a name twice"):
@@ -308,6 +311,23 @@ def test_an_embedding_student_learns_the_teachers_geometry_and_saves_as_a_senten
     pooling = json.loads((out / "student" / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and pooling["word_embedding_dimension"] == 32
     assert json.loads((out / "student" / "modules.json").read_text())[1]["path"] == "1_Pooling"
+
+    # distill eval on encoders: the same geometry as the run's last eval, k-NN accuracy, speed, report
+    report = tmp_path / "report"
+    result = run_cli("eval", "--teacher", str(ws / "teacher_run" / "student"), "--model", f"emb={out / 'student'}",
+                     "--data", str(ws / "eval.jsonl"), "--max-length", "32", "--out", str(report), "--run", f"emb={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((report / "eval.json").read_text())
+    emb, teacher = results["models"]["emb"], results["models"]["teacher"]
+    assert results["task"] == "embedding" and emb["pooling"] == "mean" and emb["dim"] == 32 and teacher["dim"] == 48
+    assert emb["similarity_mse"] == pytest.approx(last["eval/similarity_mse"], rel=1e-4)
+    assert emb["neighbour_agreement"] == pytest.approx(last["eval/neighbour_agreement"])
+    assert emb["cosine_to_teacher"] is None  # 32 vs 48 wide: the projection stayed in the checkpoints
+    assert 0.5 < emb["similarity_spearman"] <= 1.0 and emb["knn_accuracy"] is not None
+    assert emb["params"] < teacher["params"] and emb["latency_ms_p50"] > 0
+    page = (report / "report.html").read_text()
+    assert "sentence encoders" in page and "Pair similarities" in page and "Training curves" in page
+    assert "similarity Spearman" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

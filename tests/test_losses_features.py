@@ -206,6 +206,39 @@ def test_relation_kl_matches_reference_across_widths_and_masks():
         relation_kl(xs, xt, relation_heads=3)
 
 
+def test_causal_relation_kl_matches_reference():
+    """causal=True: query i relates only to keys j <= i that are real (a decoder's relations)."""
+    mask = ragged_mask()
+    g = torch.Generator().manual_seed(4)
+    xs, xt = torch.randn(B, T, D_S, generator=g), torch.randn(B, T, D_T, generator=g)
+    A = 2
+    allowed = mask[:, None, :] & torch.ones(T, T, dtype=torch.bool).tril()[None]  # (B, T_q, T_k)
+
+    def dense64(x_s, x_t):
+        def rel(x):
+            d = x.shape[-1] // A
+            xa = x.view(B, T, A, d).transpose(1, 2)
+            sc = (xa @ xa.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed[:, None], float("-inf"))
+            return torch.log_softmax(sc, -1)
+        lq, lp = rel(x_s), rel(x_t)
+        terms = torch.where(allowed[:, None], lp.exp() * (lp - lq), torch.zeros((), dtype=torch.float64))
+        return torch.where(mask, terms.sum(-1).mean(1), torch.zeros((), dtype=torch.float64))
+
+    got = relation_kl(xs, xt, mask, relation_heads=A, causal=True)
+    torch.testing.assert_close(got.double(), dense64(xs.double(), xt.double()), rtol=1e-4, atol=1e-6)
+    assert got[:, 0].abs().max() < 1e-6  # the first query sees one key: both relations are 1 there
+    # the future of a query changes nothing of its causal relation, and does change the full one
+    xs2 = xs.clone()
+    xs2[:, -1] += 5.0
+    later = relation_kl(xs2, xt, mask, relation_heads=A, causal=True)
+    torch.testing.assert_close(later[:, :-1], got[:, :-1])
+    assert not torch.allclose(relation_kl(xs2, xt, mask, relation_heads=A)[:, :-1],
+                              relation_kl(xs, xt, mask, relation_heads=A)[:, :-1])
+    (g32,) = grads(lambda x: relation_kl(x, xt, mask, relation_heads=A, causal=True), xs)
+    (g64,) = grads(lambda x: dense64(x, xt.double()), xs.double())
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-6)
+
+
 def test_an_all_masked_row_gives_zero_not_nan():
     mask = torch.tensor([[True, True, False], [False, False, False]])
     x = torch.randn(2, 3, 8, requires_grad=True)

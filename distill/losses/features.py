@@ -112,12 +112,13 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, mask: Optional[Tens
 
 
 def relation_kl(student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None, *,
-                relation_heads: int) -> Tensor:
+                relation_heads: int, causal: bool = False) -> Tensor:
     """MiniLM v2 self-attention relation distillation for one kind of vector (queries, keys or
     values): each side's vectors are split into ``relation_heads`` heads, the relation of head a is
     softmax(x_a·x_aᵀ / √d_a) over the (unmasked) key positions, and the loss is KL(teacher ‖ student)
     per query position, averaged over the relation heads. Widths and attention-head counts may
-    differ; the widths must divide by ``relation_heads``.
+    differ; the widths must divide by ``relation_heads``. ``causal``: query i relates only to keys
+    j <= i, as a decoder's attention does.
 
     Shapes:
         student: (B, T, d_s);  teacher: (B, T, d_t);  mask: (B, T) bool (None: all);
@@ -131,6 +132,9 @@ def relation_kl(student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None,
         scores = xa @ xa.transpose(-1, -2) / math.sqrt(d // relation_heads)  # (B, A, T, T)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None, :], _MASKED)  # exp underflows to exactly 0
+        if causal:
+            later = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # (T, T): key after query
+            scores = scores.masked_fill(later, _MASKED)
         return torch.log_softmax(scores, -1)
 
     log_q, log_p = relations(student), relations(teacher.detach())  # (B, A, T, T)

@@ -11,7 +11,7 @@ processes), see LOSSES.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -27,12 +27,15 @@ class LossParts:
     kd: raw divergence sum (no τ², no weight), float32, detached (for logging).
     ce: hard-label cross-entropy sum, float32, detached (for logging).
     num_supervised: number of positions with label != ignore_index, int64.
+    features: feature terms' sums by name (hidden, attention, relation: unweighted, detached), when
+        the training loop adds them (``loss`` then includes their weighted sums); else None.
     """
 
     loss: Tensor
     kd: Tensor
     ce: Tensor
     num_supervised: Tensor
+    features: Optional[dict] = None
 
 
 def tau2_scale(temperature: float, scale_by_tau2: bool) -> float:
