@@ -87,9 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, metavar="N", help="prompt choice and sampling seed (0)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
-    ev.add_argument("--text-field", default="text", metavar="NAME", help="classifiers: the text column (text)")
+    ev.add_argument("--text-field", default="text", metavar="NAME", help="classifiers and encoders: the text column (text)")
     ev.add_argument("--text-pair-field", default=None, metavar="NAME", help="classifiers: a second text column")
-    ev.add_argument("--label-field", default="label", metavar="NAME", help="classifiers: the label column (label)")
+    ev.add_argument("--label-field", default="label", metavar="NAME", help="classifiers (and encoders, for k-NN accuracy, when present): the label column (label)")
     ev.add_argument("--draft-prompts", type=int, default=8, metavar="N",
                     help="prompts on which the teacher samples with each model as its speculative-decoding draft, "
                          "timed against the teacher alone (8; 0: none)")
@@ -248,7 +248,7 @@ def _eval(args) -> None:
 
     from distill.errors import UserError
     from distill.evaluate import evaluate_models
-    from distill.report import nonfinite_warnings, read_run_metrics, write_report
+    from distill.report import nonfinite_warnings, read_run_metrics
 
     if args.generated:
         return _eval_generated(args)
@@ -262,6 +262,14 @@ def _eval(args) -> None:
             raise UserError(f"model {name!r} not found: {path}")
     for path in runs.values():
         read_run_metrics(path)  # a bad run directory fails now, not after the evaluation
+    from distill.evaluate_embed import evaluate_encoders, is_encoder
+
+    if any(is_encoder(p) for p in models.values()):  # sentence encoders (a classifier teacher: its encoder)
+        results = evaluate_encoders(models, args.data, teacher=args.teacher, text_field=args.text_field,
+                                    label_field=args.label_field, max_length=args.max_length,
+                                    max_examples=args.max_examples, batch_size=args.batch_size,
+                                    speed=not args.no_speed, dtype=args.dtype)
+        return _write_eval(results, args.out, runs)
     from distill.evaluate_classify import evaluate_classifiers, is_classifier
 
     if any(is_classifier(p) for p in [*models.values(), *([args.teacher] if args.teacher else [])]):
@@ -269,19 +277,22 @@ def _eval(args) -> None:
                                        text_pair_field=args.text_pair_field, label_field=args.label_field,
                                        max_length=args.max_length, max_examples=args.max_examples,
                                        batch_size=args.batch_size, speed=not args.no_speed, dtype=args.dtype)
-        json_path, html_path = write_report(results, args.out, runs=runs)
-        print(_eval_table(results))
-        print(f"\nwrote {json_path}\n      {html_path}")
-        return
+        return _write_eval(results, args.out, runs)
     results = evaluate_models(models, args.data, teacher=args.teacher, max_length=args.max_length,
                               max_examples=args.max_examples, num_prompts=args.prompts,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               speed=not args.no_speed, dtype=args.dtype, draft_prompts=args.draft_prompts)
-    json_path, html_path = write_report(results, args.out, runs=runs)
-    print(_eval_table(results))
-    print(f"\nwrote {json_path}\n      {html_path}")
+    _write_eval(results, args.out, runs)
     for line in nonfinite_warnings(results):
         print(f"distill: warning: {line}", file=sys.stderr)
+
+
+def _write_eval(results: dict, out: str, runs: dict) -> None:
+    from distill.report import write_report
+
+    json_path, html_path = write_report(results, out, runs=runs)
+    print(_eval_table(results))
+    print(f"\nwrote {json_path}\n      {html_path}")
 
 
 def _generate(args) -> None:
@@ -341,12 +352,9 @@ def _export(args) -> None:
 
 
 def _eval_table(results: dict) -> str:
-    from distill.evaluate import METRICS
-    from distill.evaluate_classify import CLASS_METRICS
-    from distill.report import cell_text, shown_keys
+    from distill.report import cell_text, shown_keys, task_metrics
 
-    if results.get("task") == "classification":
-        METRICS = CLASS_METRICS  # noqa: N806
+    METRICS = task_metrics(results)  # noqa: N806
     names = list(results["models"])
     width = max(12, *(len(n) + 2 for n in names))
     keys = shown_keys(results, [k for k in METRICS if k != "size_mb"])

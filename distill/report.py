@@ -49,7 +49,8 @@ GROUPS = [
 PERCENT = {"top1_accuracy", "top1_agreement", "aligned_top1_agreement", "aligned_token_share", "valid_python",
            "draft_acceptance", "spec_acceptance_measured", "spec_acceptance_expected"}
 ARROWS = {"min": "↓", "max": "↑"}
-CLASS_PERCENT = {"accuracy", "macro_f1", "teacher_agreement", "accuracy_share"}  # classification reports
+CLASS_PERCENT = {"accuracy", "macro_f1", "teacher_agreement", "accuracy_share",  # classification reports
+                 "neighbour_agreement", "neighbour_overlap_10", "knn_accuracy", "knn_accuracy_share"}  # and encoders'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +184,7 @@ def best_models(results: dict, key: str) -> set[str]:
     """The models with the best value of ``key`` among the students (all models if there is no
     teacher); empty if the metric has no better direction, fewer than two models have it, or all
     have the same value."""
-    from distill.evaluate import METRICS
-    from distill.evaluate_classify import CLASS_METRICS
-
-    direction = (CLASS_METRICS if results.get("task") == "classification" else METRICS).get(key, (None, None, None))[1]
+    direction = task_metrics(results).get(key, (None, None, None))[1]
     models = results["models"]
     pool = {n: m.get(key) for n, m in models.items() if n != "teacher" or len(models) == 1}
     pool = {n: v for n, v in pool.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -194,6 +192,22 @@ def best_models(results: dict, key: str) -> set[str]:
         return set()  # nothing to choose between
     best = (min if direction == "min" else max)(pool.values())
     return {n for n, v in pool.items() if v == best}
+
+
+def task_metrics(results: dict) -> dict:
+    """The labels, directions and descriptions of the metrics of ``results``' task."""
+    task = results.get("task")
+    if task == "classification":
+        from distill.evaluate_classify import CLASS_METRICS
+
+        return CLASS_METRICS
+    if task == "embedding":
+        from distill.evaluate_embed import EMBED_METRICS
+
+        return EMBED_METRICS
+    from distill.evaluate import METRICS
+
+    return METRICS
 
 
 def _esc(text) -> str:
@@ -443,6 +457,10 @@ def render_html(results: dict, curves: dict[str, list[dict]] | None = None) -> s
         from distill.report_classify import render_classification
 
         return render_classification(results, curves)
+    if results.get("task") == "embedding":
+        from distill.report_embed import render_embedding
+
+        return render_embedding(results, curves)
     names = list(results["models"])
     colors = model_colors(list(names) + [n for n in curves if n not in names])
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
