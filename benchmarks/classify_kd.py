@@ -15,9 +15,9 @@ student trained in these arms, each with the same data order, steps, seed and in
   layer i <- teacher layer 2i + 1, weight 1);
 - ``kd+relations``: the best T + MiniLM v2 q/k/v relations of the last layers (weight 1).
 
-The temperature sweep and the feature arms run on the first seed; the best temperature is the one
-with the highest accuracy on the eval split (the runs' last in-training eval); ``ce`` and that arm
-run on every seed (paired: same seed, same initialization). Every model is scored by `distill eval` on the test
+The temperature sweep runs on the first seed; the best temperature is the one with the highest
+accuracy on the eval split (the runs' last in-training eval); ``ce``, that arm and the two feature
+arms (at that temperature) run on every seed (paired: same seed, same initialization). Every model is scored by `distill eval` on the test
 split (1,491 snippets from movies in no other split). Prints Markdown tables and saves
 ``classify_kd.json``.
 """
@@ -83,10 +83,12 @@ def main() -> None:
                                      batch_size=64, progress=False)
     # The temperature is chosen on the eval split (the runs' last in-training eval), never on the test split.
     best_t = max(TEMPERATURES, key=lambda t: eval_accuracy(out / f"kd-T{t:g}-s{first}"))
-    more = [arm("kd+hidden", first, kd_loss(best_t), {"hidden_weight": 1.0}),
-            arm("kd+relations", first, kd_loss(best_t), {"relation_weight": 1.0})]
-    for seed in args.seeds[1:]:
-        more += [arm("ce", seed, {"kd_weight": 0.0, "ce_weight": 1.0}), arm(f"kd-T{best_t:g}", seed, kd_loss(best_t))]
+    more = []
+    for seed in args.seeds:
+        if seed != first:
+            more += [arm("ce", seed, {"kd_weight": 0.0, "ce_weight": 1.0}), arm(f"kd-T{best_t:g}", seed, kd_loss(best_t))]
+        more += [arm("kd+hidden", seed, kd_loss(best_t), {"hidden_weight": 1.0}),
+                 arm("kd+relations", seed, kd_loss(best_t), {"relation_weight": 1.0})]
     extra = evaluate_classifiers({a["run"]: str(out / a["run"] / "student") for a in more},
                                  str(DATA / "test.parquet"), teacher=str(teacher), max_length=MAX_LENGTH,
                                  batch_size=64, progress=False)
@@ -113,8 +115,24 @@ def main() -> None:
     if len(deltas) > 1:
         print(f"  mean delta {statistics.mean(deltas):+.4f} (sd {statistics.stdev(deltas):.4f}), "
               f"{sum(d > 0 for d in deltas)}/{len(deltas)} seeds better")
+    features = {}  # each feature arm against KD alone at the same T, seed by seed
+    for name in ("kd+hidden", "kd+relations"):
+        rows_f = []
+        for seed in args.seeds:
+            f, kd = models[f"{name}-s{seed}"], models[f"{best}-s{seed}"]
+            rows_f.append({"seed": seed, **{k: f[k] - kd[k] for k in ("accuracy", "ece", "teacher_agreement",
+                                                                      "forward_kl")}})
+        features[name] = rows_f
+        print(f"\npaired, {name} vs {best} (test):")
+        for r in rows_f:
+            print(f"  seed {r['seed']}: accuracy {r['accuracy']:+.4f}  ECE {r['ece']:+.4f}  "
+                  f"agreement {r['teacher_agreement']:+.4f}  KL {r['forward_kl']:+.4f}")
+        if len(rows_f) > 1:
+            acc = [r["accuracy"] for r in rows_f]
+            print(f"  mean accuracy delta {statistics.mean(acc):+.4f} (sd {statistics.stdev(acc):.4f}), "
+                  f"{sum(d > 0 for d in acc)}/{len(acc)} seeds better")
     result = {"teacher_steps": TEACHER_STEPS, "student_steps": STUDENT_STEPS, "best_temperature": best_t,
-              "models": models, "paired": paired, "machine": {"platform": platform.platform(),
+              "models": models, "paired": paired, "features_vs_kd": features, "machine": {"platform": platform.platform(),
                                                               "torch": torch.__version__,
                                                               "threads": torch.get_num_threads()},
               "date": time.strftime("%Y-%m-%d")}

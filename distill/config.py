@@ -112,7 +112,9 @@ class EmbeddingConfig:
 @dataclass
 class FeatureConfig:
     """Feature terms added to the logits objective (distill/losses/features.py), each with its own
-    weight; per example they are means over the example's real tokens and the mapped layers."""
+    weight. Classifiers and encoders: per example, the mean over its real tokens and the mapped
+    layers. Causal LMs: per position that predicts a supervised token, the mean over the mapped
+    layers (divided by the step's supervised count, as KD is); relations are causal there."""
 
     hidden_weight: float = 0.0  # FitNets / TinyBERT hidden states (through a learned projection when widths differ)
     hidden_kind: Literal["mse", "cosine"] = "mse"
