@@ -8,8 +8,10 @@ architecture config, or initialized from a subset of the teacher's layers (Disti
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -131,12 +133,28 @@ def load_encoder(name: str, *, dtype: torch.dtype = torch.float32, revision: Opt
     """``AutoModel.from_pretrained`` (the bare encoder, no head) from safetensors, user errors on one line."""
     from transformers import AutoModel
 
+    from transformers.utils import logging as hf_logging
+
     _check_local(name, "model")
+    before = hf_logging.get_verbosity()
+    if _has_head(name):  # a classifier's (or LM's) encoder: its head's weights go unused, as meant; no report
+        hf_logging.set_verbosity_error()
     try:
         return AutoModel.from_pretrained(name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                                          use_safetensors=True)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load an encoder from {name} (safetensors only): {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _has_head(name: str) -> bool:
+    """A local folder whose config names an architecture with a head (``*For...`` / ``*LMHeadModel``)."""
+    try:
+        arch = json.loads((Path(name) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any("For" in str(a) or str(a).endswith("LMHeadModel") for a in arch)
 
 
 def label_config(names: Sequence[str]) -> dict:

@@ -128,6 +128,8 @@ def format_value(key: str, value) -> str:
         return NONFINITE
     if key == "params":
         return _si(value)
+    if key == "dim":
+        return f"{value:,}"
     if key == "size_mb":
         return f"{value:.1f} MB" if value >= 10 else f"{value:.3g} MB"
     if key in PERCENT or key in CLASS_PERCENT:
@@ -192,6 +194,18 @@ def best_models(results: dict, key: str) -> set[str]:
         return set()  # nothing to choose between
     best = (min if direction == "min" else max)(pool.values())
     return {n for n, v in pool.items() if v == best}
+
+
+def machine_chips(results: dict) -> list[tuple[str, str]]:
+    """The header's machine and date chips of a classifier or encoder report."""
+    s, machine = results.get("settings", {}), results.get("machine", {})
+    chips = []
+    if machine:
+        chips.append(("machine", f"{machine.get('device', '')}, {machine.get('cpu_count', '?')} CPUs, "
+                                 f"{s.get('threads', '?')} threads, torch {machine.get('torch', '?')}"))
+    if machine.get("date"):
+        chips.append(("date", machine["date"].replace("T", " ").replace("+00:00", " UTC")))
+    return chips
 
 
 def task_metrics(results: dict) -> dict:
@@ -299,8 +313,10 @@ def speed_chart(results: dict, colors: dict[str, str]) -> Optional[str]:
     return _png(fig)
 
 
-def curves_chart(curves: dict[str, list[dict]], colors: dict[str, str]) -> Optional[str]:
-    """Training loss and eval cross-entropy over steps, one line per run."""
+def curves_chart(curves: dict[str, list[dict]], colors: dict[str, str], *, eval_key: str = "eval/ce",
+                 eval_title: str = "eval cross-entropy (nats per token)",
+                 train_title: str = "training loss (per token)") -> Optional[str]:
+    """Training loss and an eval metric (``eval_key``) over steps, one line per run."""
     from matplotlib.figure import Figure
 
     if not curves:
@@ -312,7 +328,7 @@ def curves_chart(curves: dict[str, list[dict]], colors: dict[str, str]) -> Optio
     for name, records in curves.items():
         color = colors.get(name) or next(extra, "#111827")
         train = [(r["step"], r["loss"]) for r in records if _finite_number(r.get("loss"))]
-        evals = [(r["step"], r["eval/ce"]) for r in records if _finite_number(r.get("eval/ce"))]
+        evals = [(r["step"], r[eval_key]) for r in records if _finite_number(r.get(eval_key))]
         if train:
             xs, ys = zip(*train)
             if len(ys) >= 30:  # noisy: raw in light, an exponential moving average on top
@@ -324,15 +340,15 @@ def curves_chart(curves: dict[str, list[dict]], colors: dict[str, str]) -> Optio
             any_eval = True
             xs, ys = zip(*evals)
             ax_eval.plot(xs, ys, color=color, linewidth=1.6, marker="o", markersize=3.5, label=name)
-    _style(ax_train, "training loss (per token)")
-    _style(ax_eval, "eval cross-entropy (nats per token)")
+    _style(ax_train, train_title)
+    _style(ax_eval, eval_title)
     for ax in (ax_train, ax_eval):
         ax.set_xlabel("optimizer step", fontsize=8.5, color="#374151")
         ax.grid(axis="x", color="#f3f4f6", linewidth=0.8)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=8.5)
     if not any_eval:
-        ax_eval.text(0.5, 0.5, "no eval/ce records", ha="center", va="center", transform=ax_eval.transAxes,
+        ax_eval.text(0.5, 0.5, f"no {eval_key} records", ha="center", va="center", transform=ax_eval.transAxes,
                      color="#6b7280", fontsize=9)
     return _png(fig)
 
@@ -572,13 +588,15 @@ def _charts(results: dict, colors: dict[str, str]) -> str:
             f"<div class='charts'>{figures}</div></section>")
 
 
-def _curves(curves: dict[str, list[dict]], colors: dict[str, str]) -> str:
-    src = curves_chart(curves, colors)
+def _curves(curves: dict[str, list[dict]], colors: dict[str, str], **chart) -> str:
+    """The training-curves section; ``chart``: curves_chart's eval_key / titles (default eval CE)."""
+    src = curves_chart(curves, colors, **chart)
     if src is None:
         return ""
+    what = chart.get("eval_title", "eval cross-entropy").split(" (")[0]
     return (f"<section class='curves' id='loss-curves'><h2>Training curves</h2><p class='note'>From each run's "
             f"metrics.jsonl: {_esc(', '.join(curves))}. The training loss is the run's own objective "
-            f"(distillation and cross-entropy runs are not on the same scale); eval cross-entropy is comparable "
+            f"(runs with other objectives are not on the same scale); {_esc(what)} is comparable "
             f"when the runs share eval data.</p><figure><img alt='loss curves' src='{src}'></figure></section>")
 
 

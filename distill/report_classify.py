@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Optional
 
 from distill.evaluate_classify import CLASS_GROUPS, CLASS_METRICS
-from distill.report import (CSS, _curves, _esc, _png, _style, _summary, bar_chart, format_value, model_colors)
+from distill.report import (CSS, _curves, _esc, _png, _style, _summary, bar_chart, format_value, machine_chips,
+                            model_colors)
 
 
 def reliability_chart(results: dict, colors: dict[str, str]) -> Optional[str]:
@@ -88,15 +89,10 @@ def _per_class(results: dict, names: list[str], colors: dict[str, str]) -> str:
 
 
 def _header(results: dict, names: list[str], colors: dict[str, str]) -> str:
-    s, machine = results.get("settings", {}), results.get("machine", {})
     examples = next((m.get("examples") for m in results["models"].values() if m.get("examples")), None)
     chips = [("data", results.get("data", "")), ("examples", f"{examples:,}" if examples else "?"),
              ("classes", ", ".join(results.get("labels") or []))]
-    if machine:
-        chips.append(("machine", f"{machine.get('device', '')}, {machine.get('cpu_count', '?')} CPUs, "
-                                 f"{s.get('threads', '?')} threads, torch {machine.get('torch', '?')}"))
-    if machine.get("date"):
-        chips.append(("date", machine["date"].replace("T", " ").replace("+00:00", " UTC")))
+    chips += machine_chips(results)
     models = ", ".join(f"<span class='swatch' style='background:{colors[n]}'></span>{_esc(n)}" for n in names)
     chip_html = "".join(f"<span class='chip'>{_esc(k)}: <b>{_esc(v)}</b></span>" for k, v in chips)
     sub = ("Teacher and students on the same labelled data: accuracy, calibration, fidelity to the teacher, speed "
@@ -129,7 +125,8 @@ def render_classification(results: dict, curves: dict[str, list[dict]]) -> str:
              f"<section><h2>Confusion matrices</h2><p class='note'>Rows: the true class; columns: the predicted one; "
              f"shading: the share of the row.</p><div class='charts'>{confusions}</div></section>" if confusions else "",
              _per_class(results, names, colors),
-             _curves(curves, colors),
+             _curves(curves, colors, eval_title="eval cross-entropy (nats per example)",
+                     train_title="training loss (per example)"),
              "<footer>written by distill eval</footer></main></body></html>\n"]
     return "".join(p for p in parts if p)
 

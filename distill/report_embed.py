@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from distill.evaluate_embed import EMBED_GROUPS, EMBED_METRICS, OVERLAP_K
-from distill.report import CSS, _curves, _esc, _png, _style, _summary, bar_chart, model_colors
+from distill.report import CSS, _curves, _esc, _png, _style, _summary, bar_chart, machine_chips, model_colors
 
 
 def similarity_chart(name: str, m: dict, color: str) -> Optional[str]:
@@ -46,6 +46,7 @@ def render_embedding(results: dict, curves: dict[str, list[dict]]) -> str:
     models = ", ".join(f"<span class='swatch' style='background:{colors[n]}'></span>{_esc(n)}" for n in names)
     chips = [("data", results.get("data")), ("examples", s.get("examples")),
              ("labels", s.get("label_field") or "none")]
+    chips += machine_chips(results)
     chip_html = "".join(f"<span class='chip'>{_esc(k)}: <b>{_esc(v)}</b></span>" for k, v in chips)
     header = (f"<header><h1>distill eval report: sentence encoders</h1><p class='sub'>Each model's pooled "
               f"embeddings of the same texts: their geometry against the teacher's, a label task when the data "
@@ -61,7 +62,8 @@ def render_embedding(results: dict, curves: dict[str, list[dict]]) -> str:
              f"<section><h2>Pair similarities against the teacher's</h2><p class='note'>Each dot is a pair of "
              f"examples (a sample of up to 2,000): on the diagonal, the model sees the pair as the teacher does."
              f"</p><div class='charts'>{scatters}</div></section>" if scatters else "",
-             _curves(curves, colors),
+             _curves(curves, colors, eval_key="eval/similarity_mse", eval_title="eval similarity MSE",
+                     train_title="training loss (per example)"),
              "<footer>written by distill eval</footer></main></body></html>\n"]
     return "".join(p for p in parts if p)
 

@@ -19,7 +19,7 @@ from distill.teachers import LiveTeacher
 from distill.toy import make_llama
 from distill.training import Backbone, LossSettings, micro_batch_loss
 from tests.conftest import distill_config, write_config
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import read_metrics, run_cli, two_processes
 
 X = -100
 V = 40
@@ -168,6 +168,32 @@ def test_lm_features_killed_and_resumed_equals_uninterrupted(workspace, tmp_path
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = (read_metrics(tmp_path / r / "metrics.jsonl") for r in "ab")
     assert [m.get("hidden") for m in ma] == [m.get("hidden") for m in mb]
+
+
+def test_lm_features_on_two_processes_match_one_process(workspace, tmp_path):
+    """Micro-batch 8 x 2 accumulation on one process == 4 x 2 on each of two: the projection, used
+    inside the wrapped forward, gets the same all-reduced gradient as the student."""
+    runs = {}
+    for name, batch, launcher in (("one", 8, None), ("two", 4, two_processes(29561))):
+        _, _, path = _run(workspace, tmp_path, name, student=STUDENT_2L,
+                          data={"train": str(workspace / "pc_train.jsonl"), "eval": str(workspace / "pc_eval.jsonl"),
+                                "format": "prompt_completion", "max_length": 48},  # supervised counts differ by row
+                          loss={"ce_weight": 0.5, "features": {"hidden_weight": 1.0, "relation_weight": 1.0,
+                                                               "relation_heads": 2}},
+                          train={"max_steps": 3, "batch_size": batch, "grad_accum_steps": 2, "optimizer": "sgd",
+                                 "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant", "eval_at_start": False,
+                                 "log_every": 1})
+        result = run_cli("train", str(path), launcher=launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ckpt = next((tmp_path / name / "checkpoints").glob("step-*"))
+        runs[name] = load_file(ckpt / "model.safetensors")  # the student and its projections
+    assert any(k.startswith("projections.") for k in runs["one"])
+    assert runs["one"].keys() == runs["two"].keys()
+    for key, value in runs["one"].items():
+        assert torch.allclose(runs["two"][key], value, atol=2e-6), key
+    one, two = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
+    logged = [[m["hidden"] for m in run if "hidden" in m] for run in (one, two)]
+    assert len(logged[0]) == 3 and logged[1] == pytest.approx(logged[0], rel=1e-5)
 
 
 def test_lm_feature_refusals_are_one_line(workspace, tmp_path):
