@@ -161,26 +161,20 @@ def micro_batch_loss(model: nn.Module, teacher: Optional[nn.Module], batch: dict
     t_out = teacher_outputs(teacher, batch, s.features, capture) if teacher is not None else None
     logits, terms = model(batch["input_ids"], batch["attention_mask"], teacher=t_out)
     if s.features.embedding is not None:  # task=embedding: the weighted terms alone
-        loss = torch.zeros((), device=logits.device)
-        sums = {}
-        for name, weight in s.weights().items():
-            if name in terms:
-                total = terms[name].sum()
-                loss = loss + weight * total
-                sums[name] = total.detach()
-        return loss, sums, torch.isfinite(t_out["embedding"]).all(-1)
-    parts = kd_loss(logits.float(), t_out["logits"] if t_out is not None else None, batch["labels"],
-                    divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
-                    kd_weight=s.kd_weight if t_out is not None else 0.0, ce_weight=s.ce_weight,
-                    **s.divergence_kwargs)
-    loss = parts.loss
-    sums = {"kd": parts.kd, "ce": parts.ce}
+        loss, sums = torch.zeros((), device=logits.device), {}
+        ok = torch.isfinite(t_out["embedding"]).all(-1)
+    else:
+        parts = kd_loss(logits.float(), t_out["logits"] if t_out is not None else None, batch["labels"],
+                        divergence=s.divergence, temperature=s.temperature, scale_by_tau2=s.scale_by_tau2,
+                        kd_weight=s.kd_weight if t_out is not None else 0.0, ce_weight=s.ce_weight,
+                        **s.divergence_kwargs)
+        loss, sums = parts.loss, {"kd": parts.kd, "ce": parts.ce}
+        ok = torch.isfinite(t_out["logits"]).all(-1) if t_out is not None else None
     for name, weight in s.weights().items():
         if name in terms:
             total = terms[name].sum()
             loss = loss + weight * total
             sums[name] = total.detach()
-    ok = torch.isfinite(t_out["logits"]).all(-1) if t_out is not None else None
     return loss, sums, ok
 
 

@@ -18,9 +18,7 @@ Metrics (per model):
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -39,14 +37,9 @@ THROUGHPUT_BATCH = 32
 
 def is_classifier(path: str) -> bool:
     """A Hugging Face folder whose config names a ``*ForSequenceClassification`` architecture."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        arch = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return any(str(a).endswith("ForSequenceClassification") for a in arch)
+    from distill.models import architectures
+
+    return any(a.endswith("ForSequenceClassification") for a in architectures(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,20 +40,14 @@ from distill.losses.features import pool
 
 KNN_K = 10
 OVERLAP_K = 10
-_HEADS = ("ForCausalLM", "ForSequenceClassification", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration",
-          "ForTokenClassification", "ForQuestionAnswering", "ForPreTraining")
+SAMPLE_PAIRS = 2000  # pair cosines kept for the report's scatter
 
 
 def is_encoder(path: str) -> bool:
     """A sentence-transformers folder, or a Hugging Face folder whose architecture has no head."""
-    folder = Path(path)
-    if (folder / "modules.json").is_file():
-        return True
-    try:
-        arch = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return bool(arch) and not any(str(a).endswith(_HEADS) for a in arch)
+    from distill.models import architectures, has_head
+
+    return (Path(path) / "modules.json").is_file() or (bool(architectures(path)) and not has_head(path))
 
 
 def pooling_of(path: str) -> str:
@@ -112,6 +106,25 @@ def spearman(a: Tensor, b: Tensor) -> Optional[float]:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = ra.norm() * rb.norm()
     return float((ra @ rb) / denom) if denom > 0 else None
+
+
+def sample_pairs(n: int, count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Up to ``count`` pairs i < j of ``n`` examples: all of them when there are that few, else drawn
+    at random (seeded; with replacement), without building the (N, N) index."""
+    if n * (n - 1) // 2 <= count:
+        i, j = torch.triu_indices(n, n, 1)
+        return i, j
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, n, (count,), generator=g)
+    j = torch.randint(0, n - 1, (count,), generator=g)
+    j = j + (j >= i)  # any other example
+    return torch.minimum(i, j), torch.maximum(i, j)
+
+
+def pair_cosines(e: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """cos(e_i, e_j) for each listed pair, float64."""
+    x = torch.nn.functional.normalize(e.double(), dim=-1)
+    return (x[i] * x[j]).sum(-1)
 
 
 def _neighbours(sim: Tensor, k: int) -> Tensor:
@@ -212,17 +225,13 @@ def evaluate_encoders(models: dict[str, str], data: str, *, teacher: Optional[st
     reference = embeddings.get("teacher")
     if reference is not None:
         t = results["teacher"]
-        n = len(texts)
-        pairs = torch.ones(n, n, dtype=torch.bool).triu(1).nonzero()
-        pick = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:2000]]
-        t_cos = cosines(reference)
+        i, j = sample_pairs(len(texts), SAMPLE_PAIRS)
         for name, r in results.items():
             if name == "teacher":
                 continue
             r.update(fidelity_metrics(embeddings[name], reference))
-            m_cos = cosines(embeddings[name])
-            r["similarity_sample"] = {"teacher": t_cos[pick[:, 0], pick[:, 1]].tolist(),
-                                      "model": m_cos[pick[:, 0], pick[:, 1]].tolist()}
+            r["similarity_sample"] = {"teacher": pair_cosines(reference, i, j).tolist(),
+                                      "model": pair_cosines(embeddings[name], i, j).tolist()}
             if labels is not None and t.get("knn_accuracy"):
                 r["knn_accuracy_share"] = r["knn_accuracy"] / t["knn_accuracy"]
             r["size_ratio"] = r["size_mb"] / t["size_mb"] if t["size_mb"] else None

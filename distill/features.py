@@ -90,10 +90,6 @@ class Capture:
         finally:
             self.outputs, self.active = {}, False
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 @dataclass
 class FeatureSettings:

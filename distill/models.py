@@ -137,7 +137,7 @@ def load_encoder(name: str, *, dtype: torch.dtype = torch.float32, revision: Opt
 
     _check_local(name, "model")
     before = hf_logging.get_verbosity()
-    if _has_head(name):  # a classifier's (or LM's) encoder: its head's weights go unused, as meant; no report
+    if has_head(name):  # a classifier's (or LM's) encoder: its head's weights go unused, as meant; no report
         hf_logging.set_verbosity_error()
     try:
         return AutoModel.from_pretrained(name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
@@ -148,13 +148,17 @@ def load_encoder(name: str, *, dtype: torch.dtype = torch.float32, revision: Opt
         hf_logging.set_verbosity(before)
 
 
-def _has_head(name: str) -> bool:
-    """A local folder whose config names an architecture with a head (``*For...`` / ``*LMHeadModel``)."""
+def architectures(path: str) -> list[str]:
+    """The ``architectures`` a local model folder's config.json names ([] when there is none)."""
     try:
-        arch = json.loads((Path(name) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return any("For" in str(a) or str(a).endswith("LMHeadModel") for a in arch)
+        return [str(a) for a in json.loads((Path(path) / "config.json").read_text()).get("architectures") or []]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def has_head(path: str) -> bool:
+    """A local folder whose config names an architecture with a head (``*For...`` / ``*LMHeadModel``)."""
+    return any("For" in a or a.endswith("LMHeadModel") for a in architectures(path))
 
 
 def label_config(names: Sequence[str]) -> dict:

@@ -670,7 +670,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # Feature terms (loss.features): hooks on both models' layers, projections trained beside the student.
     features = feature_settings(config, student, teacher) if L.features is not None else None
-    features, teacher_taps = (features if features is not None and features.any else None), None
+    if features is not None and not features.any:  # every weight 0
+        features = None
+    teacher_taps = None
     if features is not None:
         if features.attentions:
             use_eager_attention(student, "the student")

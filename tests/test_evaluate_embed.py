@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from distill.errors import UserError
-from distill.evaluate_embed import fidelity_metrics, is_encoder, knn_accuracy, pooling_of, spearman
+from distill.evaluate_embed import (fidelity_metrics, is_encoder, knn_accuracy, pair_cosines, pooling_of,
+                                    sample_pairs, spearman)
 
 
 def _cos(a, b):
@@ -109,3 +110,15 @@ def test_which_folders_are_encoders_and_how_they_pool(tmp_path):
                                                               "pooling_mode_max_tokens": True}))
     with pytest.raises(UserError, match="mean and CLS"):
         pooling_of(str(st))
+
+
+def test_the_reports_pair_sample_is_pairs_of_distinct_examples_and_their_cosines():
+    i, j = sample_pairs(5, 2000)  # few: all 10 pairs
+    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(5) for b in range(a + 1, 5)]
+    i, j = sample_pairs(1000, 300)
+    assert len(i) == 300 and bool((i < j).all()) and int(j.max()) < 1000 and int(i.min()) >= 0
+    assert len(set(zip(i.tolist(), j.tolist()))) > 250  # drawn, not one pair repeated
+    e = torch.randn(1000, 7, generator=torch.Generator().manual_seed(2))
+    got = pair_cosines(e, i[:20], j[:20])
+    for k in range(20):
+        assert float(got[k]) == pytest.approx(_cos(e[int(i[k])].tolist(), e[int(j[k])].tolist()), abs=1e-9)
