@@ -63,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("config", help="YAML config file")
     gen.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
+    plan = verbs.add_parser("plan", help="the memory per process a training run needs, from the model configs alone",
+                            description="Estimate, without loading weights, the per-process memory of CONFIG's "
+                                        "training run (parameters, gradients, optimizer state, teacher, activations, "
+                                        "loss buffers) for DDP and FSDP2, whether it fits, and the largest "
+                                        "micro-batch that does. causal_lm runs only.")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    plan.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run is launched on (default 1)")
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                      help="memory per process in GiB (default: train.memory_gb, else this machine's GPU or RAM)")
+
     show = verbs.add_parser("config", help="validate a config and print it resolved, with every default")
     show.add_argument("config", help="YAML config file")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -145,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 quickstart(args.out or "runs/quickstart", minutes=args.minutes, steps=args.steps, seed=args.seed,
                            prompts=args.prompts, max_eval_examples=args.max_eval_examples)
+        elif args.verb == "plan":
+            from distill.config import load_config
+            from distill.errors import UserError
+            from distill.plan import plan_main
+
+            if args.processes < 1 or (args.gpu_memory is not None and args.gpu_memory <= 0):
+                raise UserError("--processes must be >= 1 and --gpu-memory > 0")
+            print(plan_main(load_config(args.config, args.overrides), args.processes, args.gpu_memory))
         elif args.verb == "train":
             from distill.training import train
 

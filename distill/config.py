@@ -254,6 +254,8 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf in teacher targets, loss or gradients: end the run, or drop the step
     max_skipped_steps: int = 5  # nonfinite=skip: stop when this many optimizer steps in a row are non-finite
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False  # causal_lm: recompute each decoder layer in backward (less memory, ~1/3 more compute)
+    memory_gb: Optional[float] = None  # causal_lm: refuse before loading weights when `distill plan` exceeds this per process (default: the GPU's memory, else available RAM; 0: no check)
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
     eval_at_start: bool = False  # also evaluate the untrained student (step 0)
@@ -552,6 +554,7 @@ def validate(c: Config) -> None:
     _check(t.schedule_steps is None or t.schedule_steps > 0, "train.schedule_steps must be > 0")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
     _check(t.max_skipped_steps > 0, "train.max_skipped_steps must be > 0")
+    _check(t.memory_gb is None or t.memory_gb >= 0, "train.memory_gb must be >= 0 (0: no memory check)")
     for name in ("eval_every", "save_every"):
         _check(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     _check(t.log_every > 0 and t.keep_checkpoints > 0, "train.log_every and train.keep_checkpoints must be > 0")

@@ -173,6 +173,17 @@ def set_labels(model: PreTrainedModel, names: Sequence[str]) -> None:
         setattr(model.config, key, value)
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing of every decoder layer, non-reentrant (what FSDP and hooks need);
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = torch.float32,
                         labels: Optional[Sequence[str]] = None, encoder: bool = False) -> PreTrainedModel:
     """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``:

@@ -582,6 +582,22 @@ class MetricsLog:
 # The run
 
 
+def check_memory(config: Config, processes: int) -> None:
+    """Refuse a run whose memory plan (distill/plan.py) exceeds the memory it has, before weights load.
+    A plan that cannot be made (an architecture the fake build does not support) only warns."""
+    from distill.plan import MemoryPlanError, check_fits
+
+    try:
+        check_fits(config, processes, processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except MemoryPlanError:
+        raise
+    except UserError:  # a missing model or a bad config: the loaders below say so, once
+        return
+    except Exception as e:  # noqa: BLE001 - the check is advice; the run itself reports real problems
+        log.warning("no memory plan for this run (%s: %s); set train.memory_gb=0 to skip it",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
 def train(config, overrides: Optional[list[str]] = None) -> dict:
     """Train a student as ``config`` says (a Config, dict or YAML path) and return the final metrics.
 
@@ -608,6 +624,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             _check_same_run(out / "config.yaml", config)
         save_config(config, out / "config.yaml")
     set_seed(t.seed)
+    check_memory(config, accelerator.num_processes)  # from the model configs, before any weights load
 
     # Tokenizer, teacher, student.
     tok_name, tokenizer = load_run_tokenizer(config)
@@ -651,6 +668,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         teacher = None  # it only gave the student its layers
     if t.qat is not None:  # the loss sees int4 weights; the optimizer updates their float masters
         qat.prepare(student, t.qat.bits, t.qat.group_size)
+    if t.gradient_checkpointing:  # each decoder layer keeps its input and recomputes the rest in backward
+        models.enable_checkpointing(student)
     for m, tok in ((student, tokenizer), (teacher, teacher_tokenizer)):
         rows = m.get_output_embeddings().weight.shape[0] if m is not None else None
         if rows is not None and rows < len(tok) and (cross is not None or rows < vocab_size):
