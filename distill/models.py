@@ -188,20 +188,28 @@ def student_from_config(arch: dict, *, vocab_size: int, dtype: torch.dtype = tor
                         labels: Optional[Sequence[str]] = None, encoder: bool = False) -> PreTrainedModel:
     """A freshly initialized student from an architecture dict such as ``{model_type: llama, ...}``:
     a causal LM, with ``labels`` (class names) a sequence classifier, with ``encoder`` the bare model."""
+    config = arch_config(arch, vocab_size=vocab_size, labels=labels)
+    from transformers import AutoModel
+
+    auto = AutoModel if encoder else AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    try:
+        model = auto.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"student.config: could not build a {config.model_type} model: {_first_line(e)}") from None
+    return model
+
+
+def arch_config(arch: dict, *, vocab_size: int, labels: Optional[Sequence[str]] = None):
+    """The transformers config of an architecture dict (``student.config``), vocabulary defaulted."""
     arch = dict(arch)
     model_type = arch.pop("model_type")
     arch.setdefault("vocab_size", vocab_size)
     if labels is not None:
         arch.update(label_config(labels))
-    from transformers import AutoModel
-
-    auto = AutoModel if encoder else AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
     try:
-        config = AutoConfig.for_model(model_type, **arch)
-        model = auto.from_config(config, dtype=dtype)
+        return AutoConfig.for_model(model_type, **arch)
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"student.config: could not build a {model_type} model: {_first_line(e)}") from None
-    return model
 
 
 def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:

@@ -214,11 +214,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def shape_of(model: nn.Module) -> Shape:
     """Parameter counts of a (fake) causal LM, tied weights counted once."""
-    seen, params = set(), 0
-    for p in model.parameters():  # parameters() already yields a shared tensor once
-        if id(p) not in seen:
-            seen.add(id(p))
-            params += p.numel()
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     layers = _decoder_layers(model)
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     c = model.config
@@ -305,29 +301,25 @@ def student_config(config: Config, vocab_size: int):
     if s.model:
         return _hf_config(s.model, revision=s.revision, trust_remote_code=s.trust_remote_code)
     if s.config is not None:
-        from transformers import AutoConfig
+        from distill.models import arch_config
 
-        arch = dict(s.config)
-        model_type = arch.pop("model_type")
-        arch.setdefault("vocab_size", vocab_size)
-        try:
-            return AutoConfig.for_model(model_type, **arch)
-        except (ValueError, TypeError, KeyError) as e:
-            raise UserError(f"student.config: could not build a {model_type} config: {str(e).splitlines()[0]}") from None
+        return arch_config(s.config, vocab_size=vocab_size)
     teacher = _hf_config(config.teacher.model, revision=config.teacher.revision,
                          trust_remote_code=config.teacher.trust_remote_code)
     teacher.num_hidden_layers = len(s.init_from_teacher_layers)
     return teacher
 
 
-def inputs_of(config: Config) -> Inputs:
-    """The plan's inputs for a validated causal-LM config: tokenizer and model configs only."""
+def inputs_of(config: Config, tokenizer=None) -> Inputs:
+    """The plan's inputs for a validated causal-LM config: tokenizer (the run's, loaded when not
+    given) and model configs only."""
     from distill.build import load_run_tokenizer, teacher_dtype
 
     if config.task != "causal_lm":
         raise UserError(f"distill plan covers task causal_lm; this config has task {config.task}")
     t, L = config.train, config.loss
-    _, tokenizer = load_run_tokenizer(config)
+    if tokenizer is None:
+        _, tokenizer = load_run_tokenizer(config)
     live = config.teacher.model and config.teacher.source == "live"
     teacher_hf = _hf_config(config.teacher.model, revision=config.teacher.revision,
                             trust_remote_code=config.teacher.trust_remote_code) if live else None
@@ -385,16 +377,25 @@ def table(x: Inputs, processes: int, budget: Optional[int], checkpointing: bool)
     return "\n".join(lines)
 
 
-def check_fits(config: Config, processes: int, processes_here: int) -> None:
+def budget_of(config: Config, processes_here: int, gpu_memory: Optional[float] = None) -> tuple[int, str]:
+    """(bytes, where they come from) per process: ``gpu_memory`` GiB, else train.memory_gb, else the device's."""
+    if gpu_memory is not None:
+        return int(gpu_memory * GiB), "--gpu-memory"
+    if config.train.memory_gb:
+        return int(config.train.memory_gb * GiB), "train.memory_gb"
+    return device_memory(processes_here)
+
+
+def check_fits(config: Config, processes: int, processes_here: int, tokenizer=None) -> None:
     """Refuse a run whose plan (the strategy it runs: DDP) exceeds its memory, before weights load.
     ``train.memory_gb``: the budget (default: the device's, ``device_memory``); 0: no check."""
     t = config.train
     if t.memory_gb == 0:
         return
-    budget, what = (int(t.memory_gb * GiB), "train.memory_gb") if t.memory_gb else device_memory(processes_here)
+    budget, what = budget_of(config, processes_here)
     if not budget:
         return
-    x = inputs_of(config)
+    x = inputs_of(config, tokenizer)
     plan = components(x, strategy="ddp", processes=processes, checkpointing=t.gradient_checkpointing)
     if plan.total <= budget:
         return
@@ -411,12 +412,7 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
     """The text `distill plan` prints."""
     x = inputs_of(config)
     t = config.train
-    if gpu_memory is not None:
-        budget, what = int(gpu_memory * GiB), "--gpu-memory"
-    elif t.memory_gb:
-        budget, what = int(t.memory_gb * GiB), "train.memory_gb"
-    else:
-        budget, what = device_memory(processes if not torch.cuda.is_available() else 1)
+    budget, what = budget_of(config, 1 if torch.cuda.is_available() else processes, gpu_memory)
     head = [f"student {x.student.params / 1e6:,.1f}M parameters ({x.student.layers} layers), "
             + (f"teacher {x.teacher.params / 1e6:,.1f}M ({x.teacher.layers} layers, {x.teacher_bytes} B each)"
                if x.teacher is not None else "no teacher in memory"),
@@ -428,6 +424,6 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
     foot = ("total: the persistent parts plus the larger of the gradients and the forward's activations, loss "
             "buffers and teacher forward (with grad_accum_steps 1 they are not alive at once; with accumulation, "
             "all of it).\nEstimates of tensor bytes: the allocator, CUDA context and Python come on top (on CPU "
-            "the resident peak ran 1.3-1.6x the tensor peak, BENCHMARKS.md).\ndistill train runs DDP: the FSDP2 "
+            "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs DDP: the FSDP2 "
             "column is what sharding would need.")
     return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", foot])

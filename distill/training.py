@@ -582,13 +582,13 @@ class MetricsLog:
 # The run
 
 
-def check_memory(config: Config, processes: int) -> None:
+def check_memory(config: Config, processes: int, tokenizer) -> None:
     """Refuse a run whose memory plan (distill/plan.py) exceeds the memory it has, before weights load.
     A plan that cannot be made (an architecture the fake build does not support) only warns."""
     from distill.plan import MemoryPlanError, check_fits
 
     try:
-        check_fits(config, processes, processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        check_fits(config, processes, processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), tokenizer=tokenizer)
     except MemoryPlanError:
         raise
     except UserError:  # a missing model or a bad config: the loaders below say so, once
@@ -613,6 +613,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
                               mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
                               log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
+    tok_name, tokenizer = load_run_tokenizer(config)
+    check_memory(config, accelerator.num_processes, tokenizer)  # from the model configs: no weights, nothing written
     main = accelerator.is_main_process
     if main and out.is_dir():
         clean_leftovers(out, t.keep_checkpoints)
@@ -624,10 +626,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             _check_same_run(out / "config.yaml", config)
         save_config(config, out / "config.yaml")
     set_seed(t.seed)
-    check_memory(config, accelerator.num_processes)  # from the model configs, before any weights load
 
-    # Tokenizer, teacher, student.
-    tok_name, tokenizer = load_run_tokenizer(config)
+    # Teacher, student.
     from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):

@@ -172,6 +172,7 @@ def test_a_run_that_does_not_fit_is_refused_before_weights_load(tiny, tmp_path, 
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "not even micro-batch 1 fits" in done.stderr
     assert not (tmp_path / "r2" / "student").exists()
+    assert not (tmp_path / "r2").exists()  # refused before the output folder is made
 
 
 def test_distill_plan_prints_both_strategies(tiny, tmp_path):
