@@ -9,8 +9,9 @@ the peak of its live tensor bytes (what the plan estimates): on CPU from every a
 ``torch.profiler`` records (``profile_memory=True``), on a GPU ``torch.cuda.max_memory_allocated``.
 On CPU it also records the process's peak resident memory (VmHWM) above its resident memory right
 before ``train()`` (after every import): tensors plus the allocator's fragmentation, the data,
-tokenizer and libraries. The plan (DDP) is computed from the same config. The 2-process case runs
-under ``torch.distributed.run`` (gloo) and reports the larger of the two processes' peaks.
+tokenizer and libraries. The plan (for the run's strategy: DDP, or FSDP2 under
+``train.sharding=fsdp2``) is computed from the same config. The 2-process cases run under
+``torch.distributed.run`` (gloo) and report the larger of the two processes' peaks.
 
 Prints a Markdown table and saves ``plan_memory.json``.
 """
@@ -42,6 +43,8 @@ CASES = {  # name -> overrides of the base config
     "b=4 x 2 accumulation": {"train.batch_size": 4, "train.grad_accum_steps": 2},
     "b=8, fp32": {"train.batch_size": 8, "train.precision": "fp32", "teacher.dtype": "float32"},
     "b=8, 2 processes (DDP)": {"train.batch_size": 8, "processes": 2},
+    "b=2, 2 processes (FSDP2)": {"train.batch_size": 2, "train.sharding": "fsdp2", "processes": 2},
+    "b=8, 2 processes (FSDP2)": {"train.batch_size": 8, "train.sharding": "fsdp2", "processes": 2},
 }
 
 RUNNER = r"""
@@ -127,7 +130,8 @@ def main() -> None:
         processes = overrides.get("processes", 1)
         config = with_overrides(base_config(out / "run", teacher), overrides)
         c = load_config(config)
-        plan = components(inputs_of(c), strategy="ddp", processes=processes,
+        strategy = "fsdp2" if c.train.sharding == "fsdp2" else "ddp"
+        plan = components(inputs_of(c), strategy=strategy, processes=processes,
                           checkpointing=c.train.gradient_checkpointing)
         subprocess.run(["rm", "-rf", str(out / "run")], check=True)
         tic = time.time()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from distill import __version__
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             from distill.training import train
 
             result = train(args.config, args.overrides)
-            print(_summary(result))
+            if os.environ.get("RANK", "0") == "0":  # once, not once per process
+                print(_summary(result))
         elif args.verb == "cache":
             from distill.cache.writer import cache
 
@@ -263,8 +265,6 @@ def _eval(args) -> None:
     A model with non-finite (NaN or infinite) outputs gets one ``distill: warning:`` line on stderr
     and "non-finite" in the cells of the metrics it lacks; the exit code stays 0, since the
     evaluation itself succeeded and its result, that model's failure, is reported."""
-    import os
-
     from distill.errors import UserError
     from distill.evaluate import evaluate_models
     from distill.report import nonfinite_warnings, read_run_metrics

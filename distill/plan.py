@@ -71,6 +71,7 @@ class Shape:
     hidden: int
     intermediate: int
     vocab: int  # LM-head rows
+    embedding: int = 0  # the input embeddings' parameters when they are not tied to the LM head
 
 
 @dataclass
@@ -136,6 +137,9 @@ class Inputs:
     chunk_size: int  # 0: dense
     vocab: int  # the run's vocabulary (rows the loss reads)
     accumulation: int = 1  # micro-batches per optimizer step (train.grad_accum_steps)
+    # The student's under FSDP2's mixed precision (parameters, and so the residual stream, in the
+    # compute dtype); None: the same as ``activations``.
+    sharded_activations: Optional[Activations] = None
 
 
 def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int] = None,
@@ -154,14 +158,19 @@ def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int]
     }
     if strategy == "ddp" and n > 1:
         parts["DDP gradient buckets"] = 4 * s.params
-    if strategy == "fsdp2" and n > 1:
+    if strategy == "fsdp2":
         root = s.params - s.layers * s.layer_params
         parts["gathered student layers"] = x.compute_bytes * (root + 2 * s.layer_params) + 4 * s.layer_params
-    parts["teacher parameters"] = x.teacher_bytes * t.params // shard if t is not None else 0
-    if t is not None and strategy == "fsdp2" and n > 1:
-        root = t.params - t.layers * t.layer_params
-        parts["gathered teacher layers"] = x.teacher_bytes * (root + 2 * t.layer_params)
-    parts["activations"] = x.activations.at(b, checkpointing)
+    if t is None:
+        parts["teacher parameters"] = 0
+    elif strategy == "fsdp2":  # the layers and untied input embeddings sharded, the head and norm whole
+        sharded = t.layers * t.layer_params + t.embedding
+        parts["teacher parameters"] = x.teacher_bytes * (sharded // n + t.params - sharded)
+        parts["gathered teacher layers"] = x.teacher_bytes * max(t.layer_params, t.embedding)  # one unit at a time
+    else:
+        parts["teacher parameters"] = x.teacher_bytes * t.params
+    acts = x.sharded_activations if strategy == "fsdp2" and x.sharded_activations is not None else x.activations
+    parts["activations"] = acts.at(b, checkpointing)
     rows = b * x.length
     if x.chunk_size > 0:
         parts["loss buffers"] = (CHUNK_CV_TENSORS * min(x.chunk_size, rows) * x.vocab * 4 + x.vocab * s.hidden * 4
@@ -219,9 +228,10 @@ def shape_of(model: nn.Module) -> Shape:
     layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     c = model.config
     hidden = c.hidden_size
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     return Shape(params=params, layers=len(layers), layer_params=layer_params, hidden=hidden,
-                 intermediate=getattr(c, "intermediate_size", None) or 4 * hidden,
-                 vocab=model.get_output_embeddings().weight.shape[0])
+                 intermediate=getattr(c, "intermediate_size", None) or 4 * hidden, vocab=head.shape[0],
+                 embedding=0 if embedding is head else embedding.numel())
 
 
 def _saved(model: nn.Module, layers: list, *, length: int, batch: int, autocast_dtype, packed: bool):
@@ -288,11 +298,11 @@ def _hf_config(path: str, *, revision=None, trust_remote_code=False):
         raise UserError(f"could not read the model config of {path}: {str(e).splitlines()[0]}") from None
 
 
-def _lm(hf_config) -> nn.Module:
-    """A causal LM of ``hf_config`` in fp32 (fake, inside ``_fake()``)."""
+def _lm(hf_config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM of ``hf_config`` (fake, inside ``_fake()``)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
 def student_config(config: Config, vocab_size: int):
@@ -328,9 +338,12 @@ def inputs_of(config: Config, tokenizer=None) -> Inputs:
     with _fake():  # shapes only: nothing below allocates
         teacher_shape = shape_of(_lm(teacher_hf)) if live else None
         student = _lm(student_hf)
-        acts = saved_activations(student, length=config.data.max_length, autocast_dtype=compute,
-                                 packed=config.data.packing and config.data.format in ("auto", "text"))
-    return Inputs(student=shape_of(student), teacher=teacher_shape, activations=acts, batch=t.batch_size,
+        packed = config.data.packing and config.data.format in ("auto", "text")
+        acts = saved_activations(student, length=config.data.max_length, autocast_dtype=compute, packed=packed)
+        shape = shape_of(student)
+        sharded = (saved_activations(_lm(student_hf, compute), length=config.data.max_length, autocast_dtype=compute,
+                                     packed=packed) if compute == torch.bfloat16 else None)  # sharding.settings
+    return Inputs(student=shape, teacher=teacher_shape, activations=acts, sharded_activations=sharded, batch=t.batch_size,
                   length=config.data.max_length, optimizer=t.optimizer,
                   teacher_bytes=BYTES[teacher_dtype(config)], compute_bytes=BYTES.get(compute, 4),
                   chunk_size=L.chunk_size, vocab=len(tokenizer), accumulation=t.grad_accum_steps)
@@ -386,8 +399,8 @@ def budget_of(config: Config, processes_here: int, gpu_memory: Optional[float] =
     return device_memory(processes_here)
 
 
-def check_fits(config: Config, processes: int, processes_here: int, tokenizer=None) -> None:
-    """Refuse a run whose plan (the strategy it runs: DDP) exceeds its memory, before weights load.
+def check_fits(config: Config, processes: int, processes_here: int, tokenizer=None, strategy: str = "ddp") -> None:
+    """Refuse a run whose plan (for the ``strategy`` it runs) exceeds its memory, before weights load.
     ``train.memory_gb``: the budget (default: the device's, ``device_memory``); 0: no check."""
     t = config.train
     if t.memory_gb == 0:
@@ -396,11 +409,11 @@ def check_fits(config: Config, processes: int, processes_here: int, tokenizer=No
     if not budget:
         return
     x = inputs_of(config, tokenizer)
-    plan = components(x, strategy="ddp", processes=processes, checkpointing=t.gradient_checkpointing)
+    plan = components(x, strategy=strategy, processes=processes, checkpointing=t.gradient_checkpointing)
     if plan.total <= budget:
         return
     top = sorted(plan.parts.items(), key=lambda kv: -kv[1])[:4]
-    best = largest_batch(x, budget, strategy="ddp", processes=processes, checkpointing=t.gradient_checkpointing)
+    best = largest_batch(x, budget, strategy=strategy, processes=processes, checkpointing=t.gradient_checkpointing)
     hint = (f"train.batch_size={best} fits" if best else
             "not even micro-batch 1 fits: a smaller teacher dtype, a cache teacher, more memory or sharding")
     raise MemoryPlanError(

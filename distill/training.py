@@ -42,7 +42,7 @@ from distill.export import qat
 from distill.export.torchao_build import is_torchao_folder
 from distill.features import (FeatureSettings, LayerTaps, check_attentions, check_relation_widths,
                               feature_projections, feature_settings, per_position_terms, use_eager_attention)
-from distill import faults
+from distill import faults, sharding
 from distill.generation import NonFiniteGuard, SamplingSettings, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, LossParts, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
                             get_divergence, kd_loss, slice_vocab, sparse_kd_loss, tau2_scale)
@@ -329,17 +329,23 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     div_name = "reverse_kl" if s.divergence == SAMPLED_OBJECTIVE else s.divergence  # what the sampled one estimates
     div = get_divergence(div_name)
     sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree, non-finite
-    head = _unwrap(student).model.get_output_embeddings()
+    backbone = _unwrap(student)  # DDP's module (its forward would broadcast buffers), or the FSDP2 root itself
+    head = backbone.model.get_output_embeddings()
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     indices = list(range(rank, len(dataset), world))
-    for start in range(0, len(indices), batch_size):
-        batch = fetch(dataset, indices[start:start + batch_size], pad_token_id, accelerator.device)
+    # Every process runs the same number of batches: a sharded forward is a collective, so a process
+    # whose rows ran out runs its first row again and counts nothing of it.
+    for start in range(0, -(-len(dataset) // world), batch_size):  # ceil(len / world) rows on the busiest
+        rows_here = indices[start:start + batch_size]
+        batch = fetch(dataset, rows_here or indices[:1] or [0], pad_token_id, accelerator.device)
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         with accelerator.autocast():
-            hidden = _unwrap(student).model.base_model(**inputs).last_hidden_state[:, :-1][mask]  # (N, d)
+            hidden = backbone(**inputs)[:, :-1][mask]  # (N, d): the final hidden states
             t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask] if teacher is not None else None
+        if not rows_here:
+            continue
         targets = labels[mask]
         for rows in chunk_slices(targets.numel(), s.chunk_size or DEFAULT_CHUNK_SIZE):  # never all (N, V) logits
             with accelerator.autocast():
@@ -465,7 +471,9 @@ def write_failure(what: str, path: Path, error: Exception) -> Optional[UserError
     return UserError(f"could not write {what} to {path}: {reason}")
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int, shards: Optional[tuple] = None) -> Path:
+    """Checkpoint ``state`` (trainer_state.json) with what Accelerate saves (model, optimizer, scheduler,
+    RNG states) and, under FSDP2, ``shards`` = (model, optimizer) as sharded state dicts in ``sharded/``."""
     final = out / "checkpoints" / f"step-{state['step']:08d}"
     tmp = out / "checkpoints" / f".tmp-step-{state['step']:08d}"
     previous = checkpoints(out)
@@ -474,6 +482,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
+        if shards is not None:
+            sharding.save(*shards, tmp / "sharded")  # every process writes its shards
         faults.point("checkpoint")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -501,13 +511,14 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int)
     return final
 
 
-def save_student(model: nn.Module, tokenizer, out: Path, name: str = "student") -> Path:
-    """The student in standard Hugging Face format in ``out/name``, written whole or not at all."""
+def save_student(model: nn.Module, tokenizer, out: Path, name: str = "student", state_dict: Optional[dict] = None) -> Path:
+    """The student in standard Hugging Face format in ``out/name``, written whole or not at all
+    (``state_dict``: its weights, when ``model``'s own are shards)."""
     final, tmp = out / name, out / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     models.align_special_tokens(model, tokenizer)  # config.json and generation_config.json: the tokenizer's ids
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         faults.point("student")
         tokenizer.save_pretrained(tmp)
         if final.exists():
@@ -582,13 +593,14 @@ class MetricsLog:
 # The run
 
 
-def check_memory(config: Config, processes: int, tokenizer) -> None:
+def check_memory(config: Config, processes: int, tokenizer, strategy: str = "ddp") -> None:
     """Refuse a run whose memory plan (distill/plan.py) exceeds the memory it has, before weights load.
     A plan that cannot be made (an architecture the fake build does not support) only warns."""
     from distill.plan import MemoryPlanError, check_fits
 
     try:
-        check_fits(config, processes, processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), tokenizer=tokenizer)
+        check_fits(config, processes, processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), tokenizer=tokenizer,
+                   strategy=strategy)
     except MemoryPlanError:
         raise
     except UserError:  # a missing model or a bad config: the loaders below say so, once
@@ -596,6 +608,15 @@ def check_memory(config: Config, processes: int, tokenizer) -> None:
     except Exception as e:  # noqa: BLE001 - the check is advice; the run itself reports real problems
         log.warning("no memory plan for this run (%s: %s); set train.memory_gb=0 to skip it",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+
+def sharded_sizes(student: nn.Module, teacher: Optional[nn.Module], world: int) -> str:
+    """One line: the parameter bytes this process holds of each sharded model, of their whole size."""
+    held = [("student", *sharding.local_bytes(student))]
+    if teacher is not None:
+        held.append(("teacher", *sharding.local_bytes(teacher)))
+    return (f"FSDP2 over {world} processes, parameter bytes per process: "
+            + "; ".join(f"{name} {here:,} of {whole:,}" for name, here, whole in held))
 
 
 def train(config, overrides: Optional[list[str]] = None) -> dict:
@@ -614,7 +635,12 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                               mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
                               log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
     tok_name, tokenizer = load_run_tokenizer(config)
-    check_memory(config, accelerator.num_processes, tokenizer)  # from the model configs: no weights, nothing written
+    strategy = sharding.mode(t.sharding)  # ddp, or fsdp2: the student and the teacher sharded (distill/sharding.py)
+    sharded = strategy == "fsdp2"
+    if sharded and (why := sharding.unsupported(config)) is not None:
+        raise UserError(f"train.sharding=fsdp2 does not support {why} yet: use train.sharding=ddp")
+    fsdp = sharding.settings(t.precision) if sharded else None
+    check_memory(config, accelerator.num_processes, tokenizer, strategy)  # model configs only: no weights, no files
     main = accelerator.is_main_process
     if main and out.is_dir():
         clean_leftovers(out, t.keep_checkpoints)
@@ -668,7 +694,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         teacher = None  # it only gave the student its layers
     if t.qat is not None:  # the loss sees int4 weights; the optimizer updates their float masters
         qat.prepare(student, t.qat.bits, t.qat.group_size)
-    if t.gradient_checkpointing:  # each decoder layer keeps its input and recomputes the rest in backward
+    if t.gradient_checkpointing or (sharded and fsdp.checkpointing):  # each decoder layer keeps its input
         models.enable_checkpointing(student)
     for m, tok in ((student, tokenizer), (teacher, teacher_tokenizer)):
         rows = m.get_output_embeddings().weight.shape[0] if m is not None else None
@@ -734,12 +760,22 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
     backbone = Backbone(student, features, teacher_width=teacher.config.hidden_size if features is not None else 0)
-    optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
-    # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
-    model, optimizer = accelerator.prepare(backbone, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if teacher is not None:
         teacher.to(accelerator.device)
+    if sharded:  # sharded in place: the optimizer is built over the shards, checkpoints are sharded state dicts
+        device_mesh = sharding.mesh(accelerator.device, world)
+        if teacher is not None:
+            sharding.shard_teacher(teacher, device_mesh)
+        model = sharding.shard_student(backbone, student, fsdp, device_mesh)
+        optimizer, scheduler = build_optimizer(model.parameters(), t, max_steps)
+        shards = (model, optimizer)
+        accelerator.print(sharded_sizes(model, teacher, world))
+    else:
+        optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
+        model, optimizer = accelerator.prepare(backbone, optimizer)
+        shards = None
+    # The scheduler is stepped by hand (a prepared one steps once per process) but checkpointed.
+    accelerator.register_for_checkpointing(scheduler)
     if cross is not None:
         settings.cross.update(teacher_ids=settings.cross["teacher_ids"].to(accelerator.device),
                               student_ids=settings.cross["student_ids"].to(accelerator.device))
@@ -760,13 +796,19 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     # Resume.
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     samples_log = MetricsLog(out / "samples.jsonl", enabled=main and g.log_samples > 0)
-    state = {"step": 0, "window": [0.0, 0.0, 0.0, 0.0, 0.0],  # loss, kd, ce, tokens, steps since last log
+    state = {"step": 0, "sharding": strategy, "window": [0.0, 0.0, 0.0, 0.0, 0.0],  # loss, kd, ce, tokens, steps
              "skipped_steps": 0, "consecutive_skips": 0,  # steps dropped for non-finite values (train.nonfinite)
              "window_generated": 0, "window_sources": {},  # sampled tokens and steps by source since last log
              "window_features": {k: 0.0 for k, w in (features.weights() if features else {}).items() if w > 0}}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = {**state, **json.loads((resume_from / "trainer_state.json").read_text())}
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if saved.get("sharding", "ddp") != strategy:
+            raise UserError(f"{resume_from} was saved by a {saved.get('sharding', 'ddp')} run and this one is {strategy}: "
+                            f"resume it with train.sharding={saved.get('sharding', 'ddp')} (the same launch config)")
+        accelerator.load_state(str(resume_from))  # with FSDP2: the scheduler and the RNG states
+        if sharded:
+            sharding.load(model, optimizer, resume_from / "sharded")
+        state = {**state, **saved}
         metrics.truncate_after(state["step"])
         samples_log.truncate_after(state["step"])
         accelerator.print(f"resuming from {resume_from} (step {state['step']} of {max_steps})")
@@ -789,7 +831,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         metrics.write({"step": 0, **evaluate(model, teacher_for_eval, eval_set, **eval_args)})
     tic, tokens_seen = time.perf_counter(), 0
     timing = {"generation": 0.0, "step": 0.0}  # this process's seconds since the last log (not checkpointed)
-    with checkpoint_on_interrupt(accelerator, out, state, t.keep_checkpoints, progress):
+    with checkpoint_on_interrupt(accelerator, out, state, t.keep_checkpoints, progress, shards):
         while state["step"] < max_steps:
             step = state["step"]
             indices = [batch_indices(step, m, n=len(train_set), batch_size=t.batch_size, accum=t.grad_accum_steps,
@@ -811,8 +853,10 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             # 1 where a micro-batch's teacher signal / student loss is non-finite; checked once per step.
             bad = torch.zeros(world, len(batches), 2, dtype=torch.float64, device=accelerator.device)
             for m, batch in enumerate(batches):
-                # DDP averages gradients over processes, so multiply by world to divide by n_global once.
-                sync = accelerator.no_sync(model) if m < len(batches) - 1 else contextlib.nullcontext()
+                # DDP and FSDP2 average gradients over processes, so multiply by world to divide by n_global
+                # once. FSDP2 reduce-scatters every micro-batch's gradients (no_sync would keep them whole).
+                sync = (accelerator.no_sync(model) if m < len(batches) - 1 and not sharded
+                        else contextlib.nullcontext())
                 with sync:
                     with accelerator.autocast():
                         parts, teacher_ok = micro_batch_loss(model, loss_teacher, batch, settings,
@@ -825,7 +869,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 step_sums[:3] += torch.stack([parts.loss.detach(), parts.kd, parts.ce]).double()
                 for i, name in enumerate(feature_names):
                     step_sums[4 + i] += parts.features[name].double()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            clip = t.max_grad_norm or float("inf")
+            grad_norm = (sharding.clip_grad_norm(model.parameters(), clip) if sharded
+                         else accelerator.clip_grad_norm_(model.parameters(), clip))
             # fp16's loss scaler finds and skips overflowing gradients itself: not an error.
             grad_bad = (~torch.isfinite(grad_norm)).double().view(1) * (accelerator.scaler is None) / world
             reduced = accelerator.reduce(torch.cat([step_sums, grad_bad, bad.flatten()]), reduction="sum").tolist()
@@ -890,15 +936,20 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 eval_result = evaluate(model, teacher_for_eval, eval_set, **eval_args)
                 metrics.write({"step": step, **eval_result})
                 accelerator.log(eval_result, step=step)
-                progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {_show(v)}" for k, v in eval_result.items()))
+                if main:
+                    progress.write(f"step {step}: " + ", ".join(f"{k[5:]} {_show(v)}" for k, v in eval_result.items()))
             faults.point("step")
             if (t.save_every and step % t.save_every == 0) or step == max_steps:
-                save_checkpoint(accelerator, out, state, t.keep_checkpoints)
+                save_checkpoint(accelerator, out, state, t.keep_checkpoints, shards)
     progress.close()
 
     # The student in standard Hugging Face format, written whole or not at all.
     final = out / "student"
-    if main and t.qat is not None:
+    if sharded:  # gathered on process 0 (every process takes part)
+        whole = sharding.full_state_dict(model, prefix="model.")
+        if main:
+            save_student(student, tokenizer, out, state_dict=whole)
+    elif main and t.qat is not None:
         save_qat_student(accelerator.unwrap_model(model).model, tokenizer, out, group_size=t.qat.group_size,
                          keep_float=t.qat.keep_float)
     elif main:
@@ -938,7 +989,7 @@ def settle_step(problem: Optional[str], *, step: int, state: dict, optimizer, sc
 
 
 @contextlib.contextmanager
-def checkpoint_on_interrupt(accelerator: Accelerator, out: Path, state: dict, keep: int, progress):
+def checkpoint_on_interrupt(accelerator: Accelerator, out: Path, state: dict, keep: int, progress, shards=None):
     """Around a training loop: Ctrl-C or SIGTERM (preemption) saves a checkpoint of the last finished
     step (unless it is saved already), says how to resume, and re-raises."""
     restore_sigterm = sigterm_as_interrupt()
@@ -947,7 +998,7 @@ def checkpoint_on_interrupt(accelerator: Accelerator, out: Path, state: dict, ke
     except KeyboardInterrupt:
         progress.close()
         if state["step"] > 0 and not (out / "checkpoints" / f"step-{state['step']:08d}").exists():
-            path = save_checkpoint(accelerator, out, state, keep)
+            path = save_checkpoint(accelerator, out, state, keep, shards)
             accelerator.print(f"\ninterrupted: saved {path}; run the same command again to resume")
         raise
     finally:

@@ -9,7 +9,9 @@ from distill.cli import main
 from distill.config import Config, load_config, save_config
 from distill.errors import ConfigError
 
-EXAMPLES = sorted(Path(__file__).resolve().parents[1].joinpath("examples").rglob("*.yaml"))
+# examples/accelerate holds `accelerate launch` configs, validated in test_fsdp.py.
+EXAMPLES = sorted(p for p in Path(__file__).resolve().parents[1].joinpath("examples").rglob("*.yaml")
+                  if "accelerate" not in p.parent.name)
 MINIMAL = {"teacher": {"model": "t"}, "student": {"model": "s"}, "data": {"train": "d.jsonl"}}
 
 

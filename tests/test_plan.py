@@ -4,6 +4,8 @@ checkpointing's gradients against the plain ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -103,10 +105,20 @@ def test_components_by_hand():
     two = plan.components(x, strategy="ddp", processes=2)
     assert two.parts["DDP gradient buckets"] == 4000 and two.total == one.total + 4000
     f = plan.components(x, strategy="fsdp2", processes=4)
+    # The teacher's 4 layers sharded, its 800 other parameters (tied embeddings, norm) whole.
     assert (f.parts["student parameters"], f.parts["gradients"], f.parts["optimizer state"],
-            f.parts["teacher parameters"]) == (1000, 1000, 2000, 2000)
+            f.parts["teacher parameters"]) == (1000, 1000, 2000, 2 * (3200 // 4 + 800))
     assert f.parts["gathered student layers"] == 2 * (400 + 2 * 300) + 4 * 300  # root + 2 layers bf16, 1 fp32 grad
-    assert f.parts["gathered teacher layers"] == 2 * (800 + 2 * 800)
+    assert f.parts["gathered teacher layers"] == 2 * 800  # one layer at a time
+    untied = dataclasses.replace(x.teacher, embedding=500)  # the input embeddings sharded too when untied
+    mixed = plan.Activations(fixed=0, per_example=7000, layers_fixed=0, layers_per_example=6000,
+                             layer_input_per_example=250, layers=2)
+    g = plan.components(_inputs(teacher=untied, sharded_activations=mixed), strategy="fsdp2", processes=4)
+    assert g.parts["teacher parameters"] == 2 * (3700 // 4 + 300)
+    assert g.parts["gathered teacher layers"] == 2 * 800
+    assert g.parts["activations"] == 7000 * 3  # FSDP2's bf16 parameters: its own forward's count
+    assert plan.components(_inputs(sharded_activations=mixed), strategy="ddp", processes=2).parts["activations"] == \
+        one.parts["activations"]
     ckpt = plan.components(x, strategy="ddp", processes=1, checkpointing=True)
     # all but the layers, + each layer's input, + one layer recomputed (its half of the layers' share)
     assert ckpt.parts["activations"] == (600 + 30_000) - (400 + 24_000) + 2 * 500 * 3 + (400 + 24_000) // 2
@@ -149,6 +161,12 @@ def test_inputs_of_a_config_match_the_built_models(tiny, tmp_path):
     assert x.teacher.params == sum(p.numel() for p in teacher.parameters())
     assert x.student.layers == 1 and x.length == 16 and x.batch == 4 and x.teacher_bytes == 4
     assert x.vocab == len(make_tokenizer(tmp_path / "t"))
+    assert x.teacher.embedding == teacher.model.embed_tokens.weight.numel()  # untied: FSDP2 shards it
+    assert x.sharded_activations is None  # fp32: FSDP2 gathers fp32 parameters, the same forward as DDP
+    bf16 = plan.inputs_of(load_config(_config(tiny, tmp_path / "r", precision="bf16")))
+    # FSDP2's bf16 parameters keep the residual stream in bf16 and make no autocast weight copies.
+    assert bf16.sharded_activations.per_example < bf16.activations.per_example
+    assert bf16.sharded_activations.fixed < bf16.activations.fixed
 
 
 def test_a_run_that_does_not_fit_is_refused_before_weights_load(tiny, tmp_path, monkeypatch):

@@ -1,0 +1,215 @@
+"""FSDP2 for `distill train`: the student and the frozen teacher sharded over the processes.
+
+``fully_shard`` (PyTorch's FSDP2) is applied here, by distill, on CPU (gloo) and GPU (NCCL) alike,
+so the path the tests run is the path a GPU run takes. It is chosen by ``train.sharding=fsdp2`` or by
+launching with an Accelerate config whose ``distributed_type`` is FSDP (``fsdp_version: 2``; see
+examples/accelerate/); the config's ``fsdp_reshard_after_forward``, ``fsdp_offload_params`` and
+``fsdp_activation_checkpointing`` are read from the environment ``accelerate launch`` sets.
+
+- **Student**: every decoder layer is one FSDP unit and the wrapper around it (``Backbone``: the
+  embeddings, final norm, LM head, and any projections trained beside it) the root unit. Parameters,
+  gradients and optimizer state are split over the processes (dim-0 shards); a unit's parameters
+  are all-gathered for its forward and again for its backward. The root stays gathered from its
+  forward to the end of backward, which is what lets the chunked loss read the LM head's whole
+  weight once per micro-batch outside the model's forward (no per-chunk gather); its gradient is
+  reduce-scattered with the rest.
+- **Teacher**: every decoder layer, and the input embeddings unless they are tied to the LM head,
+  is its own unit, gathered for its forward and resharded right after (the teacher runs under
+  ``no_grad``: nothing is kept for backward). Its final norm and LM head stay whole on every
+  process, because the teacher signal reads ``head.weight`` directly (for Llama-3-8B that is 0.53B
+  of its 8.0B parameters).
+- **Mixed precision** (``train.precision=bf16``): the student's units gather bf16 copies of fp32
+  master shards and reduce gradients in fp32 (``MixedPrecisionPolicy``), under the same autocast as
+  DDP runs.
+- **Checkpoints**: the model and optimizer as sharded state dicts (``torch.distributed.checkpoint``,
+  each process writes its shards) in the checkpoint's ``sharded/`` folder, beside the scheduler and
+  RNG states Accelerate writes; resuming loads them back into the same layout. The final
+  ``student/`` is gathered to a full state dict on process 0 and saved in Hugging Face format.
+
+Every process must run the same sequence of sharded forwards (each is a collective), so sampling in
+the loop (whose length depends on when each process's rows end), the cross-tokenizer teacher, QAT
+and the feature terms are refused under FSDP2 for now; evaluation gives every process the same
+number of batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill.errors import UserError
+
+
+@dataclass
+class FSDPSettings:
+    reshard_after_forward: bool = True  # the student's layers: free gathered parameters after forward
+    offload: bool = False  # parameters, gradients and optimizer state on the CPU (CUDA runs)
+    checkpointing: bool = False  # fsdp_activation_checkpointing of an Accelerate config
+    param_dtype: Optional[torch.dtype] = None  # gathered student parameters (bf16 under train.precision=bf16)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes")
+
+
+def mode(sharding: str) -> str:
+    """"ddp" or "fsdp2": ``train.sharding``, where "auto" follows the launch (an Accelerate FSDP config
+    sets ``ACCELERATE_USE_FSDP``)."""
+    if sharding != "auto":
+        return sharding
+    if not _env_flag("ACCELERATE_USE_FSDP", False):
+        return "ddp"
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise UserError(f"the Accelerate config asks for FSDP version {version}; distill shards with FSDP2: set "
+                        "fsdp_config.fsdp_version: 2 (see examples/accelerate/fsdp2.yaml)")
+    return "fsdp2"
+
+
+def settings(precision: str) -> FSDPSettings:
+    """The FSDP2 settings of this launch (the Accelerate config's, from the environment)."""
+    return FSDPSettings(reshard_after_forward=_env_flag("FSDP_RESHARD_AFTER_FORWARD", True),
+                        offload=_env_flag("FSDP_OFFLOAD_PARAMS", False),
+                        checkpointing=_env_flag("FSDP_ACTIVATION_CHECKPOINTING", False),
+                        param_dtype=torch.bfloat16 if precision == "bf16" else None)
+
+
+def unsupported(config) -> Optional[str]:
+    """Why this run cannot shard with FSDP2 (yet), or None."""
+    g, L, t = config.generation, config.loss, config.train
+    if g.lmbda > 0 or g.seq_kd:
+        return ("sampling in the loop (generation.lmbda > 0 / generation.seq_kd): the processes' samples end at "
+                "different lengths, and every sharded forward is a collective")
+    if L.cross_tokenizer is not None:
+        return "a cross-tokenizer teacher (loss.cross_tokenizer)"
+    if t.qat is not None:
+        return "train.qat"
+    if L.features is not None:
+        return "loss.features"
+    if t.precision == "fp16":
+        return "train.precision=fp16 (its loss scaler needs Accelerate's optimizer wrapper: use bf16)"
+    return None
+
+
+def mesh(device: torch.device, world: int):
+    """The 1-D device mesh of all processes. A run started without a launcher (one process) gets a
+    process group of its own, so it shards (into one piece) by the same code."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.mkstemp(prefix="distill-fsdp-")[1], 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    return init_device_mesh(device.type, (world,))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from distill.features import layer_modules
+
+    layers = layer_modules(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__}: found no decoder layers (model.layers.N) to shard with FSDP2")
+    return layers
+
+
+def _offload(s: FSDPSettings, device: torch.device) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    # On a CPU-only run everything is on the CPU already: there is nothing to offload.
+    return {"offload_policy": CPUOffloadPolicy()} if s.offload and device.type == "cuda" else {}
+
+
+def shard_student(wrapper: nn.Module, model: nn.Module, s: FSDPSettings, device_mesh) -> nn.Module:
+    """``fully_shard`` each decoder layer of ``model`` (the student inside ``wrapper``), then ``wrapper``
+    as the root. The parameters are replaced in place by their shards (DTensors)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    extra = _offload(s, torch.device(device_mesh.device_type))
+    if s.param_dtype is not None:
+        extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=s.param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=device_mesh, reshard_after_forward=s.reshard_after_forward, **extra)
+    fully_shard(wrapper, mesh=device_mesh, **extra)  # the root: gathered from forward to the end of backward
+    return wrapper
+
+
+def shard_teacher(teacher: nn.Module, device_mesh) -> None:
+    """``fully_shard`` each decoder layer of the frozen teacher and its input embeddings (unless they
+    are tied to the LM head), each resharded after its forward; the final norm and the LM head stay
+    whole (the teacher signal reads ``head.weight`` directly)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(teacher):
+        fully_shard(layer, mesh=device_mesh, reshard_after_forward=True)
+    embeddings = teacher.get_input_embeddings()
+    if embeddings.weight is not teacher.get_output_embeddings().weight:
+        fully_shard(embeddings, mesh=device_mesh, reshard_after_forward=True)
+
+
+def local_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes of ``module``'s parameters held by this process, bytes of all of them)."""
+    from torch.distributed.tensor import DTensor
+
+    here = whole = 0
+    for p in module.parameters():
+        size = p.element_size()
+        whole += p.numel() * size
+        here += (p.to_local().numel() if isinstance(p, DTensor) else p.numel()) * size
+    return here, whole
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the sharded gradients (a plain tensor), and, when ``max_norm`` is finite,
+    the gradients scaled so it is at most ``max_norm`` (torch.nn.utils.clip_grad_norm_'s rule)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    scale = max_norm / (norm.item() + 1e-6)  # clip_grad_norm_'s rule
+    if scale < 1:  # (clip_grads_with_norm_ leaves DTensor gradients unscaled when given a plain norm)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def save(model: nn.Module, optimizer, folder: Path) -> None:
+    """The model's and optimizer's shards, written by every process into ``folder``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def load(model: nn.Module, optimizer, folder: Path) -> None:
+    """Load ``save``'s shards back into ``model`` and ``optimizer`` (the same processes and layout)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (folder / ".metadata").is_file():
+        raise UserError(f"{folder.parent} has no sharded model state ({folder.name}/): it was not written by an "
+                        "FSDP2 run; resume with the sharding it was saved with (train.sharding)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_state_dict(model: nn.Module, prefix: str = "") -> dict:
+    """The whole state dict on process 0 (every process must call this; the others get {}), on the
+    CPU, with ``prefix`` stripped from its keys."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

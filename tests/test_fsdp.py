@@ -1,0 +1,185 @@
+"""FSDP2 in `distill train` (distill/sharding.py) on CPU over gloo: two sharded processes against one
+process, a kill and resume under FSDP2, the memory each process holds, the shipped launch configs."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill import sharding
+from tests.conftest import distill_config, write_config
+from tests.helpers import deterministic_metrics, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+FSDP2_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
+PORT = 29541  # this file's own (files run in parallel)
+
+
+def fsdp2_processes(n: int = 2) -> list[str]:
+    """`accelerate launch` with the shipped FSDP2 config: distill shards when launched this way."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
+            "--num_processes", str(n), "--main_process_port", str(PORT), "-m", "distill"]
+
+
+def train_cli(tmp_path, ws, name, env=None, launcher=None, **sections):
+    config = distill_config(ws, tmp_path / name, **sections)
+    result = run_cli("train", str(write_config(tmp_path / f"{name}.yaml", config)), env=env, launcher=launcher)
+    return result, tmp_path / name
+
+
+def params(run_dir):
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def _two_layers(ws, tmp_path, **extra):
+    arch = {**distill_config(ws, tmp_path)["student"]["config"], "num_hidden_layers": 2, **extra}
+    return {"config": arch}
+
+
+def _common(ws, tmp_path):
+    # Prompt/completion rows (micro-batches with different supervised counts), the chunked loss with
+    # KD and CE, clipping that is active (the norm over both processes' shards decides it), 2 micro-
+    # batches per step, and 9 eval rows in batches of 4 (one process runs a padding batch).
+    return dict(student=_two_layers(ws, tmp_path),
+                data={"train": str(ws / "pc_train.jsonl"), "eval": str(ws / "pc_eval.jsonl"),
+                      "format": "prompt_completion", "max_length": 48, "max_eval_examples": 9},
+                loss={"chunk_size": 16, "ce_weight": 0.5},
+                train={"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.5, "schedule": "constant",
+                       "grad_accum_steps": 2, "eval_batch_size": 4, "log_every": 1})
+
+
+def _held_bytes(model, sharded) -> int:
+    """Bytes process 0 holds of ``model`` when the parameters of the modules in ``sharded`` are
+    split along dim 0 (process 0 takes the first ceil(rows / 2))."""
+    inside = {id(p) for m in sharded for p in m.parameters()}
+    total = 0
+    for p in model.parameters():
+        rows = -(-p.shape[0] // 2) if id(p) in inside else p.shape[0]
+        total += rows * (p.numel() // p.shape[0]) * p.element_size()
+    return total
+
+
+def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    common = _common(workspace, tmp_path)
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(),
+                            **{**common, "train": {**common["train"], "batch_size": 2}})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    assert [m["supervised_tokens"] for m in logs[two]] == [m["supervised_tokens"] for m in logs[one]]
+    for x, y in zip(logs[two], logs[one]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-5)
+    assert logs[one][0]["grad_norm"] > 0.5  # the clipping was active
+    evals = {r: [m for m in read_metrics(r / "metrics.jsonl") if "eval/ce" in m][-1] for r in (one, two)}
+    assert evals[two]["eval/tokens"] == evals[one]["eval/tokens"]  # the padding batch counted nothing
+    for k in ("eval/ce", "eval/forward_kl", "eval/top1_agreement"):
+        assert evals[two][k] == pytest.approx(evals[one][k], rel=1e-5)
+    # Checkpoints are sharded state dicts; the student is a whole HF model.
+    (ckpt,) = (two / "checkpoints").iterdir()
+    assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    assert AutoModelForCausalLM.from_pretrained(two / "student").num_parameters() == \
+        AutoModelForCausalLM.from_pretrained(one / "student").num_parameters()
+
+    # What process 0 holds: half of every sharded unit (decoder layers and, untied, the teacher's
+    # input embeddings; the whole student), all of the teacher's head and final norm.
+    line = next(l for l in result.stdout.splitlines() if l.startswith("FSDP2 over 2 processes"))
+    held = {name: tuple(int(v.replace(",", "")) for v in part.split()[1::2])
+            for part in line.split(": ", 1)[1].split("; ") for name in [part.split()[0]]}
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher_run" / "student")
+    student = AutoModelForCausalLM.from_pretrained(one / "student")
+    whole = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    assert held["teacher"] == (_held_bytes(teacher, [*teacher.model.layers, teacher.model.embed_tokens]), whole)
+    assert held["student"] == (_held_bytes(student, [student]), sum(p.numel() * 4 for p in student.parameters()))
+    layers = sum(p.numel() * p.element_size() for p in teacher.model.layers.parameters())
+    assert held["teacher"][0] <= whole - layers // 2  # the layers' memory halves
+
+
+def test_fsdp2_resumes_after_a_kill_exactly(workspace, tmp_path):
+    common = dict(student=_two_layers(workspace, tmp_path, attention_dropout=0.2),  # RNG state matters
+                  data={"max_eval_examples": 9}, loss={"chunk_size": 16, "ce_weight": 0.3},
+                  train={"max_steps": 7, "save_every": 3, "log_every": 1, "eval_every": 4, "batch_size": 4,
+                         "eval_batch_size": 4})  # AdamW with a cosine schedule: optimizer and scheduler state
+    result, straight = train_cli(tmp_path, workspace, "straight", launcher=fsdp2_processes(), **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=fsdp2_processes(),
+                                env={"DISTILL_TEST_KILL_AT": "step:5"}, **common)
+    assert result.returncode != 0
+    assert [p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
+    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=fsdp2_processes(), **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr
+    a, b = params(resumed), params(straight)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert deterministic_metrics(resumed) == deterministic_metrics(straight)
+
+
+def test_one_fsdp2_process_trains_like_ddp_and_refuses_what_it_cannot_shard(workspace, tmp_path):
+    common = dict(student=_two_layers(workspace, tmp_path, tie_word_embeddings=True), loss={"ce_weight": 0.5},
+                  train={"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
+                         "batch_size": 4})
+    result, ddp = train_cli(tmp_path, workspace, "ddp", **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, fsdp = train_cli(tmp_path, workspace, "fsdp", **{**common, "train": {**common["train"],
+                                                                                  "sharding": "fsdp2"}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP2 over 1 processes" in result.stdout
+    a, b = params(fsdp), params(ddp)
+    assert a.keys() == b.keys()  # the tied head saved once, as transformers saves it
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+    # A checkpoint keeps its layout: a DDP run's cannot resume under an FSDP launch.
+    more = {**common["train"], "max_steps": 4}
+    result, _ = train_cli(tmp_path, workspace, "ddp", env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                          **{**common, "train": more})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "was saved by a ddp run and this one is fsdp2" in result.stderr
+
+    result, _ = train_cli(tmp_path, workspace, "v1", env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, **common)
+    assert result.returncode == 2 and "fsdp_version: 2" in result.stderr and "Traceback" not in result.stderr
+    result, _ = train_cli(tmp_path, workspace, "onpolicy", data={"train": str(workspace / "pc_train.jsonl"),
+                                                                 "format": "prompt_completion", "eval": None},
+                          generation={"lmbda": 0.5, "max_new_tokens": 4},
+                          **{**common, "train": {**common["train"], "sharding": "fsdp2"}})
+    assert result.returncode == 2 and "train.sharding=fsdp2 does not support sampling in the loop" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["fsdp2.yaml", "ddp.yaml"])
+def test_shipped_accelerate_configs_launch_what_they_say(name, monkeypatch):
+    """Each config in examples/accelerate, through accelerate's own launch-argument handling, sets
+    the environment from which distill picks its strategy and FSDP2 settings."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "examples" / "accelerate" / name),
+                                               "--num_processes", "2", "-m", "distill", "train", "x.yaml"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    for key in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if name == "fsdp2.yaml":
+        assert sharding.mode("auto") == "fsdp2"
+        s = sharding.settings("bf16")
+        assert (s.reshard_after_forward, s.offload, s.checkpointing, s.param_dtype) == (True, False, False,
+                                                                                       torch.bfloat16)
+        monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+        assert sharding.settings("fp32").offload and sharding.settings("fp32").param_dtype is None
+    else:
+        assert sharding.mode("auto") == "ddp"
+    assert sharding.mode("ddp") == "ddp"
