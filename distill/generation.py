@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -135,12 +135,15 @@ def _cache_of(output):
 @torch.no_grad()
 def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, settings: SamplingSettings, seeds: Sequence[int],
            eos_token_id: int, pad_token_id: int, batch_size: Optional[int] = None,
-           guard: Optional[NonFiniteGuard] = None, autocast=None) -> list[Completion]:
+           guard: Optional[NonFiniteGuard] = None, autocast=None,
+           everyone_done: Optional[Callable[[bool], bool]] = None) -> list[Completion]:
     """Sample one continuation per prompt (see the module docstring); ``seeds[i]`` seeds row i.
 
     ``batch_size`` rows go through the model at once (default: all). ``guard`` repairs and counts
     non-finite score rows. ``autocast``: a context-manager factory the forwards run under (e.g.
-    ``accelerator.autocast``). Returns one ``Completion`` per prompt, in order.
+    ``accelerator.autocast``). ``everyone_done(done)``: whether every process's batch is done, given
+    this one's (a sharded model's forwards are collectives: all processes stop at the same token;
+    rows that ended are padded). Returns one ``Completion`` per prompt, in order.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -155,13 +158,15 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, settings: Samp
         step = batch_size or max(1, len(prompts))
         for start in range(0, len(prompts), step):
             out += _sample_batch(model, prompts[start:start + step], seeds[start:start + step], settings,
-                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, guard=guard, autocast=autocast)
+                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, guard=guard, autocast=autocast,
+                                 everyone_done=everyone_done)
         return out
     finally:
         model.train(was_training)
 
 
-def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, pad_token_id, guard, autocast):
+def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, pad_token_id, guard, autocast,
+                  everyone_done=None):
     device = model.get_output_embeddings().weight.device
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     ids, mask = left_pad(prompts, pad_token_id, device)  # (B, P)
@@ -169,7 +174,7 @@ def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, p
     # The whole loop in one autocast region (the precision training runs its forwards at).
     with context():
         new = _decode(model, ids, mask, generators, s, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      guard=guard)
+                      guard=guard, everyone_done=everyone_done)
     result = []
     for row in new:
         ended = eos_token_id in row
@@ -177,7 +182,8 @@ def _sample_batch(model, prompts, seeds, s: SamplingSettings, *, eos_token_id, p
     return result
 
 
-def _decode(model, ids, mask, generators, s: SamplingSettings, *, eos_token_id, pad_token_id, guard) -> list[list[int]]:
+def _decode(model, ids, mask, generators, s: SamplingSettings, *, eos_token_id, pad_token_id, guard,
+            everyone_done=None) -> list[list[int]]:
     """The sampled token rows (B, n) for left-padded prompts ``ids`` / ``mask`` (B, P); a row that
     sampled EOS is padded with ``pad_token_id`` after it."""
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): 0 at each row's first real token
@@ -199,7 +205,8 @@ def _decode(model, ids, mask, generators, s: SamplingSettings, *, eos_token_id, 
         token = torch.where(finished, pad_token_id, token)
         tokens.append(token)
         finished |= token == eos_token_id
-        if t == s.max_new_tokens - 1 or bool(finished.all()):
+        done = bool(finished.all())
+        if t == s.max_new_tokens - 1 or (done if everyone_done is None else everyone_done(done)):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # (B, P + t + 1)
         positions = positions[:, -1:] + 1  # (B, 1)

@@ -19,11 +19,13 @@ The rest is arithmetic (``components``), per process:
   BENCHMARKS.md "Losses: dense vs chunked");
 - the teacher's forward: its last hidden states and about three of its widest intermediates.
 
-FSDP2 (``fully_shard`` per decoder layer and at the root) divides the student's parameters,
-gradients and optimizer state, and the teacher's parameters, by the number of processes; it adds
-the root's unsharded parameters and two decoder layers' (the one computing and the one prefetched)
-in the compute dtype, for each model, and one layer's unsharded fp32 gradient before its
-reduce-scatter. ``distill train`` does not shard yet: that column says what sharding would buy.
+FSDP2 (what distill/sharding.py does) divides the student's parameters, gradients and optimizer
+state by the number of processes and adds the root's gathered parameters and two decoder layers'
+(the one computing and the one prefetched) in the compute dtype, and one layer's unsharded fp32
+gradient before its reduce-scatter. Under bf16 its activations come from a fake forward of a bf16
+student (FSDP2's gathered parameters are bf16, so the residual stream is, and autocast makes no
+weight copies). The teacher's decoder layers and untied input embeddings are divided by the number
+of processes, its head and final norm are whole, and one unit at a time is gathered.
 
 Not counted: the KV cache of sampling in the loop (``generation``), the cross-tokenizer alignment's
 buffers, QAT's fake-quantized weight copies, and the feature terms' projections and captured
@@ -437,6 +439,6 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
     foot = ("total: the persistent parts plus the larger of the gradients and the forward's activations, loss "
             "buffers and teacher forward (with grad_accum_steps 1 they are not alive at once; with accumulation, "
             "all of it).\nEstimates of tensor bytes: the allocator, CUDA context and Python come on top (on CPU "
-            "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs DDP: the FSDP2 "
-            "column is what sharding would need.")
+            "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs "
+            "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, DDP otherwise.")
     return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", foot])

@@ -26,14 +26,17 @@ examples/accelerate/); the config's ``fsdp_reshard_after_forward``, ``fsdp_offlo
   RNG states Accelerate writes; resuming loads them back into the same layout. The final
   ``student/`` is gathered to a full state dict on process 0 and saved in Hugging Face format.
 
-Every process must run the same sequence of sharded forwards (each is a collective), so sampling in
-the loop (whose length depends on when each process's rows end), the cross-tokenizer teacher, QAT
-and the feature terms are refused under FSDP2 for now; evaluation gives every process the same
-number of batches.
+Every process must run the same sequence of sharded forwards (each is a collective): evaluation
+gives every process the same number of batches, and sampling in the loop stops when every
+process's rows have ended (rows that ended earlier are padded, their completions unchanged). The
+student samples with all its units gathered once per sampling call (``gathered``); the teacher
+(``generation.seq_kd``) gathers one unit at a time, for every token. The cross-tokenizer teacher,
+QAT, fp16 and the feature terms are refused under FSDP2 for now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +85,7 @@ def settings(precision: str) -> FSDPSettings:
 
 def unsupported(config) -> Optional[str]:
     """Why this run cannot shard with FSDP2 (yet), or None."""
-    g, L, t = config.generation, config.loss, config.train
-    if g.lmbda > 0 or g.seq_kd:
-        return ("sampling in the loop (generation.lmbda > 0 / generation.seq_kd): the processes' samples end at "
-                "different lengths, and every sharded forward is a collective")
+    L, t = config.loss, config.train
     if L.cross_tokenizer is not None:
         return "a cross-tokenizer teacher (loss.cross_tokenizer)"
     if t.qat is not None:
@@ -138,7 +138,42 @@ def shard_student(wrapper: nn.Module, model: nn.Module, s: FSDPSettings, device_
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=device_mesh, reshard_after_forward=s.reshard_after_forward, **extra)
     fully_shard(wrapper, mesh=device_mesh, **extra)  # the root: gathered from forward to the end of backward
+    # One forward through the root now (every process), so FSDP2 knows its root before anything
+    # calls the model inside (sampling does).
+    with torch.no_grad():
+        wrapper(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device_mesh.device_type),
+                attention_mask=torch.ones(1, 1, dtype=torch.long, device=device_mesh.device_type))
+    wrapper.reshard()
     return wrapper
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module, s: FSDPSettings):
+    """Every unit of the sharded student gathered for the block, once (sampling runs one forward per
+    token: without this, each would all-gather every layer again), then resharded. The gathered copy
+    is the whole student in its compute dtype."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    root.set_reshard_after_forward(False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not root:
+                unit.set_reshard_after_forward(s.reshard_after_forward, recurse=False)
+
+
+def everyone_done(done: bool, device: torch.device) -> bool:
+    """Whether every process is ``done`` (one all-reduce)."""
+    import torch.distributed as dist
+
+    left = torch.tensor([0 if done else 1], device=device)
+    dist.all_reduce(left)
+    return left.item() == 0
 
 
 def shard_teacher(teacher: nn.Module, device_mesh) -> None:

@@ -610,13 +610,14 @@ def check_memory(config: Config, processes: int, tokenizer, strategy: str = "ddp
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
 
-def sharded_sizes(student: nn.Module, teacher: Optional[nn.Module], world: int) -> str:
+def sharded_sizes(student: nn.Module, teacher: Optional[nn.Module], world: int, checkpointing: bool) -> str:
     """One line: the parameter bytes this process holds of each sharded model, of their whole size."""
     held = [("student", *sharding.local_bytes(student))]
     if teacher is not None:
         held.append(("teacher", *sharding.local_bytes(teacher)))
     return (f"FSDP2 over {world} processes, parameter bytes per process: "
-            + "; ".join(f"{name} {here:,} of {whole:,}" for name, here, whole in held))
+            + "; ".join(f"{name} {here:,} of {whole:,}" for name, here, whole in held)
+            + f" (activation checkpointing {'on' if checkpointing else 'off'})")
 
 
 def train(config, overrides: Optional[list[str]] = None) -> dict:
@@ -694,7 +695,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         teacher = None  # it only gave the student its layers
     if t.qat is not None:  # the loss sees int4 weights; the optimizer updates their float masters
         qat.prepare(student, t.qat.bits, t.qat.group_size)
-    if t.gradient_checkpointing or (sharded and fsdp.checkpointing):  # each decoder layer keeps its input
+    checkpointing = t.gradient_checkpointing or (sharded and fsdp.checkpointing)
+    if checkpointing:  # each decoder layer keeps its input and recomputes the rest in backward
         models.enable_checkpointing(student)
     for m, tok in ((student, tokenizer), (teacher, teacher_tokenizer)):
         rows = m.get_output_embeddings().weight.shape[0] if m is not None else None
@@ -769,7 +771,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         model = sharding.shard_student(backbone, student, fsdp, device_mesh)
         optimizer, scheduler = build_optimizer(model.parameters(), t, max_steps)
         shards = (model, optimizer)
-        accelerator.print(sharded_sizes(model, teacher, world))
+        accelerator.print(sharded_sizes(model, teacher, world, checkpointing))
     else:
         optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
         model, optimizer = accelerator.prepare(backbone, optimizer)
@@ -785,13 +787,18 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                                 top_p=g.top_p)
 
     def generate_with(source: str):
-        policy = accelerator.unwrap_model(model).model if source == "student" else teacher
-        # A non-finite row is sampled uniformly instead of crashing; its loss is then non-finite and
-        # train.nonfinite decides (stop, or skip the step).
-        return lambda prompts, seeds: sample(policy, prompts, settings=sampling, seeds=seeds,
-                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                             batch_size=g.batch_size, autocast=accelerator.autocast,
-                                             guard=NonFiniteGuard())
+        policy = _unwrap(model).model if source == "student" else teacher
+        # Under FSDP2 the student samples with its units gathered once, and every process decodes
+        # until all processes' rows have ended (each sharded forward is a collective).
+        done = (lambda d: sharding.everyone_done(d, accelerator.device)) if sharded else None
+
+        def run(prompts, seeds):
+            gather = sharding.gathered(model, fsdp) if sharded and source == "student" else contextlib.nullcontext()
+            with gather:  # a non-finite row is sampled uniformly; train.nonfinite then decides
+                return sample(policy, prompts, settings=sampling, seeds=seeds, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, batch_size=g.batch_size,
+                              autocast=accelerator.autocast, guard=NonFiniteGuard(), everyone_done=done)
+        return run
 
     # Resume.
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)

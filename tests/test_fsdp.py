@@ -1,6 +1,7 @@
 """FSDP2 in `distill train` (distill/sharding.py) on CPU over gloo: two sharded processes against one
 process, a kill and resume under FSDP2, the memory each process holds, the shipped launch configs."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,10 +20,10 @@ FSDP2_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 PORT = 29541  # this file's own (files run in parallel)
 
 
-def fsdp2_processes(n: int = 2) -> list[str]:
+def fsdp2_processes(n: int = 2, *options: str) -> list[str]:
     """`accelerate launch` with the shipped FSDP2 config: distill shards when launched this way."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
-            "--num_processes", str(n), "--main_process_port", str(PORT), "-m", "distill"]
+            "--num_processes", str(n), "--main_process_port", str(PORT), *options, "-m", "distill"]
 
 
 def train_cli(tmp_path, ws, name, env=None, launcher=None, **sections):
@@ -69,7 +70,10 @@ def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
     common = _common(workspace, tmp_path)
     result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 4}})
     assert result.returncode == 0, result.stderr[-3000:]
-    result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(),
+    # The sharded run also checkpoints activations (the launch's fsdp_activation_checkpointing):
+    # recomputing each layer, gathered again in backward, changes nothing.
+    result, two = train_cli(tmp_path, workspace, "two",
+                            launcher=fsdp2_processes(2, "--fsdp_activation_checkpointing", "true"),
                             **{**common, "train": {**common["train"], "batch_size": 2}})
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -95,9 +99,11 @@ def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
 
     # What process 0 holds: half of every sharded unit (decoder layers and, untied, the teacher's
     # input embeddings; the whole student), all of the teacher's head and final norm.
-    line = next(l for l in result.stdout.splitlines() if l.startswith("FSDP2 over 2 processes"))
-    held = {name: tuple(int(v.replace(",", "")) for v in part.split()[1::2])
-            for part in line.split(": ", 1)[1].split("; ") for name in [part.split()[0]]}
+    line = next(line for line in result.stdout.splitlines() if line.startswith("FSDP2 over 2 processes"))
+    assert line.endswith(" (activation checkpointing on)")
+    line = line.rsplit(" (", 1)[0]
+    held = {part.split()[0]: (int(part.split()[1].replace(",", "")), int(part.split()[3].replace(",", "")))
+            for part in line.split(": ", 1)[1].split("; ")}
     teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher_run" / "student")
     student = AutoModelForCausalLM.from_pretrained(one / "student")
     whole = sum(p.numel() * p.element_size() for p in teacher.parameters())
@@ -127,6 +133,37 @@ def test_fsdp2_resumes_after_a_kill_exactly(workspace, tmp_path):
     assert deterministic_metrics(resumed) == deterministic_metrics(straight)
 
 
+def test_fsdp2_samples_in_the_loop_as_one_process_does(workspace, tmp_path):
+    """On-policy steps (the student samples, gathered once) and sequence-level steps (the sharded
+    teacher samples): every process decodes until all have ended, and nothing of that shows in
+    the completions, the losses or the weights."""
+    common = dict(student=_two_layers(workspace, tmp_path),
+                  data={"train": str(workspace / "pc_train.jsonl"), "eval": None, "format": "prompt_completion",
+                        "max_length": 48},
+                  loss={"divergence": "reverse_kl", "ce_weight": 0.5},
+                  generation={"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 8, "log_samples": 1000},
+                  train={"max_steps": 4, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
+                         "log_every": 1})
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(),
+                            **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = params(two), params(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    for x, y in zip(logs[one], logs[two]):
+        assert (x["supervised_tokens"], x["generated_tokens"]) == (y["supervised_tokens"], y["generated_tokens"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert sum(m["steps_student"] for m in logs[two]) and sum(m["steps_teacher"] for m in logs[two])
+    rows = {r: [json.loads(line) for line in (r / "samples.jsonl").read_text().splitlines()] for r in (one, two)}
+    by_key = {(r["step"], r["example"]): r["completion_ids"] for r in rows[one]}
+    assert all(by_key[(r["step"], r["example"])] == r["completion_ids"] for r in rows[two])
+    lengths = {len(r["completion_ids"]) + r["ended"] for r in rows[one]}
+    assert len(lengths) > 1  # rows ended at different tokens
+
+
 def test_one_fsdp2_process_trains_like_ddp_and_refuses_what_it_cannot_shard(workspace, tmp_path):
     common = dict(student=_two_layers(workspace, tmp_path, tie_word_embeddings=True), loss={"ce_weight": 0.5},
                   train={"max_steps": 3, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
@@ -151,11 +188,9 @@ def test_one_fsdp2_process_trains_like_ddp_and_refuses_what_it_cannot_shard(work
 
     result, _ = train_cli(tmp_path, workspace, "v1", env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, **common)
     assert result.returncode == 2 and "fsdp_version: 2" in result.stderr and "Traceback" not in result.stderr
-    result, _ = train_cli(tmp_path, workspace, "onpolicy", data={"train": str(workspace / "pc_train.jsonl"),
-                                                                 "format": "prompt_completion", "eval": None},
-                          generation={"lmbda": 0.5, "max_new_tokens": 4},
-                          **{**common, "train": {**common["train"], "sharding": "fsdp2"}})
-    assert result.returncode == 2 and "train.sharding=fsdp2 does not support sampling in the loop" in result.stderr
+    result, _ = train_cli(tmp_path, workspace, "qat", **{**common, "train": {**common["train"], "sharding": "fsdp2",
+                                                                           "qat": {"bits": 4, "group_size": 16}}})
+    assert result.returncode == 2 and "train.sharding=fsdp2 does not support train.qat" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["fsdp2.yaml", "ddp.yaml"])
