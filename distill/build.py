@@ -33,9 +33,13 @@ def teacher_dtype(config: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
 
 
-def load_teacher(config: Config) -> nn.Module:
-    """The frozen teacher model of teacher.model, its weights checked finite."""
+def load_teacher(config: Config, weights: bool = True) -> nn.Module:
+    """The frozen teacher model of teacher.model, its weights checked finite. ``weights=False``: its
+    shape only, parameters on the meta device (for a process that receives its shards from process 0)."""
     t = config.teacher
+    if not weights:
+        return models.freeze(models.empty_causal_lm(t.model, dtype=teacher_dtype(config), revision=t.revision,
+                                                    trust_remote_code=t.trust_remote_code))
     teacher = models.load_causal_lm(t.model, dtype=teacher_dtype(config), revision=t.revision,
                                     trust_remote_code=t.trust_remote_code)
     return models.freeze(models.check_finite(teacher, f"the teacher {t.model}"))

@@ -113,6 +113,24 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, revision: O
         raise UserError(f"could not load a causal LM from {name} (safetensors only): {_first_line(e)}") from None
 
 
+def empty_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM of ``name``'s config with its parameters on the meta device (no storage, no
+    weights read) and its buffers real (rotary frequencies are computed as usual), tied as the
+    config says: the shape another process fills in (distill/sharding.py ``shard_teacher``)."""
+    from accelerate import init_empty_weights
+
+    _check_local(name, "model")
+    try:
+        hf_config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model config of {name}: {_first_line(e)}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    return model
+
+
 def load_classifier(name: str, *, dtype: torch.dtype = torch.float32, revision: Optional[str] = None,
                     trust_remote_code: bool = False) -> PreTrainedModel:
     """``AutoModelForSequenceClassification.from_pretrained`` from safetensors, user errors on one line.

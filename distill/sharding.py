@@ -18,6 +18,8 @@ examples/accelerate/); the config's ``fsdp_reshard_after_forward``, ``fsdp_offlo
   ``no_grad``: nothing is kept for backward). Its final norm and LM head stay whole on every
   process, because the teacher signal reads ``head.weight`` directly (for Llama-3-8B that is 0.53B
   of its 8.0B parameters).
+  Only process 0 reads the teacher's weights (``first_loads``); the others build its shape on the
+  meta device and receive their shards by broadcast (``shard_teacher``).
 - **Mixed precision** (``train.precision=bf16``): the student's units gather bf16 copies of fp32
   master shards and reduce gradients in fp32 (``MixedPrecisionPolicy``), under the same autocast as
   DDP runs.
@@ -40,7 +42,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -176,17 +178,62 @@ def everyone_done(done: bool, device: torch.device) -> bool:
     return left.item() == 0
 
 
+def first_loads(load: Callable[[bool], nn.Module]) -> nn.Module:
+    """``load(True)`` on process 0 (the weights read once on this machine), ``load(False)`` (the shape
+    only, parameters on the meta device) on the others, which ``shard_teacher`` then fills with their
+    shards. A UserError of process 0 (a missing file, non-finite weights) is raised on every process,
+    so none waits for the others in a collective."""
+    import torch.distributed as dist
+
+    error, model = None, None
+    if dist.get_rank() == 0:
+        try:
+            model = load(True)
+        except UserError as e:
+            error = str(e)
+    said = [error]
+    dist.broadcast_object_list(said, src=0)
+    if said[0] is not None:
+        raise UserError(said[0])
+    return model if model is not None else load(False)
+
+
 def shard_teacher(teacher: nn.Module, device_mesh) -> None:
     """``fully_shard`` each decoder layer of the frozen teacher and its input embeddings (unless they
     are tied to the LM head), each resharded after its forward; the final norm and the LM head stay
-    whole (the teacher signal reads ``head.weight`` directly)."""
+    whole (the teacher signal reads ``head.weight`` directly). Everything ends on the mesh's device,
+    one unit at a time (the whole teacher is never on the device of one process).
+
+    A teacher from ``first_loads`` has real weights on process 0 only: the others' meta parameters
+    are made real here and every tensor is broadcast from process 0, one at a time, each process
+    keeping its shards (``set_model_state_dict`` with ``broadcast_from_rank0``). So only process 0
+    ever holds the whole teacher in host memory."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    device = torch.device(device_mesh.device_type, torch.cuda.current_device()) \
+        if device_mesh.device_type == "cuda" else torch.device(device_mesh.device_type)
+    empty = [p.is_meta for p in teacher.parameters()]
+    # Whether process 0's teacher has meta parameters is what every process must agree on.
+    broadcast = torch.tensor([int(any(empty))], device=device)
+    dist.all_reduce(broadcast)
+    broadcast = bool(broadcast.item())
+    full = teacher.state_dict() if broadcast and dist.get_rank() == 0 else {}  # the whole tensors, until sent
+    embeddings, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
+    tied = embeddings.weight is head.weight
     for layer in decoder_layers(teacher):
         fully_shard(layer, mesh=device_mesh, reshard_after_forward=True)
-    embeddings = teacher.get_input_embeddings()
-    if embeddings.weight is not teacher.get_output_embeddings().weight:
+    if not tied:
         fully_shard(embeddings, mesh=device_mesh, reshard_after_forward=True)
+    if any(empty):  # storage for this process's shards and the whole head and norm, filled below
+        teacher._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+        if tied:  # _apply replaced the tied parameter once per module that holds it
+            head.weight = embeddings.weight
+    teacher.to(device)
+    if broadcast:
+        set_model_state_dict(teacher, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
 
 
 def local_bytes(module: nn.Module) -> tuple[int, int]:

@@ -658,7 +658,11 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
-        teacher = load_teacher(config)
+        if sharded and accelerator.num_processes > 1 and not config.student.init_from_teacher_layers:
+            # Read once, by process 0; the others get their shards from it (sharding.shard_teacher).
+            teacher = sharding.first_loads(lambda weights: load_teacher(config, weights=weights))
+        else:
+            teacher = load_teacher(config)
     cross = L.cross_tokenizer
     teacher_tokenizer = tokenizer
     if cross is not None:  # the teacher reads each row's text with its own tokenizer (distill/teachers/cross.py)
@@ -762,7 +766,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
     backbone = Backbone(student, features, teacher_width=teacher.config.hidden_size if features is not None else 0)
-    if teacher is not None:
+    if teacher is not None and not sharded:
         teacher.to(accelerator.device)
     if sharded:  # sharded in place: the optimizer is built over the shards, checkpoints are sharded state dicts
         device_mesh = sharding.mesh(accelerator.device, world)

@@ -218,3 +218,84 @@ def test_shipped_accelerate_configs_launch_what_they_say(name, monkeypatch):
     else:
         assert sharding.mode("auto") == "ddp"
     assert sharding.mode("ddp") == "ddp"
+
+
+def _teacher_worker(rank: int, folder: str, store: str, results: str) -> None:
+    """One of two processes: the teacher read by process 0 only, sharded, filled by broadcast."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from distill import models
+    from distill.errors import UserError
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    loads = []
+
+    def load(weights):
+        loads.append(weights)
+        if weights:
+            return models.freeze(models.check_finite(models.load_causal_lm(folder, dtype=torch.bfloat16), "it"))
+        return models.freeze(models.empty_causal_lm(folder, dtype=torch.bfloat16))
+
+    out = {"loads": loads}
+    try:
+        teacher = sharding.first_loads(load)
+    except UserError as e:
+        out["error"] = str(e)
+    else:
+        out["meta_before"] = any(p.is_meta for p in teacher.parameters())
+        sharding.shard_teacher(teacher, init_device_mesh("cpu", (2,)))
+        ids = torch.arange(24).view(2, 12) % 60
+        with torch.no_grad():
+            out["logits"] = teacher(input_ids=ids).logits.float()
+        out["tied"] = teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
+        out["held"] = sharding.local_bytes(teacher)
+    torch.save(out, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_sharded_teacher_is_read_by_process_0_only(tmp_path, tied):
+    """Process 1 builds the teacher's shape on the meta device and gets its shards from process 0:
+    the same logits as the whole teacher, the tie kept, half of each layer held."""
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                               tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    whole = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    whole.save_pretrained(tmp_path / "teacher")
+    mp.spawn(_teacher_worker, args=(str(tmp_path / "teacher"), str(tmp_path / "store"), str(tmp_path / "out")),
+             nprocs=2)
+    got = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
+    assert [g["loads"] for g in got] == [[True], [False]]  # process 1 never reads the weights
+    assert [g["meta_before"] for g in got] == [False, True]
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.bfloat16).eval()  # fp32 rotary
+    with torch.no_grad():
+        expected = whole(input_ids=torch.arange(24).view(2, 12) % 60).logits.float()
+    for g in got:
+        torch.testing.assert_close(g["logits"], expected, atol=0, rtol=0)
+        assert g["tied"] is tied
+    sharded = [*whole.model.layers] + ([] if tied else [whole.model.embed_tokens])
+    assert got[0]["held"] == (_held_bytes(whole, sharded), sum(p.numel() * 2 for p in whole.parameters()))
+
+
+def test_a_bad_teacher_on_process_0_stops_every_process(tmp_path):
+    """Non-finite weights, found by process 0 (the only one that reads them): both processes raise
+    the same UserError, and neither waits for the other."""
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "teacher")
+    mp.spawn(_teacher_worker, args=(str(tmp_path / "teacher"), str(tmp_path / "store"), str(tmp_path / "out")),
+             nprocs=2)
+    got = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
+    assert [g["loads"] for g in got] == [[True], []]
+    assert got[0]["error"] == got[1]["error"] and "non-finite weights" in got[0]["error"]
