@@ -19,7 +19,8 @@ examples/accelerate/); the config's ``fsdp_reshard_after_forward``, ``fsdp_offlo
   process, because the teacher signal reads ``head.weight`` directly (for Llama-3-8B that is 0.53B
   of its 8.0B parameters).
   Only process 0 reads the teacher's weights (``first_loads``); the others build its shape on the
-  meta device and receive their shards by broadcast (``shard_teacher``).
+  meta device and receive their shards by broadcast (``shard_teacher``). A ``student.model`` is
+  loaded the same way.
 - **Mixed precision** (``train.precision=bf16``): the student's units gather bf16 copies of fp32
   master shards and reduce gradients in fp32 (``MixedPrecisionPolicy``), under the same autocast as
   DDP runs.
@@ -129,17 +130,59 @@ def _offload(s: FSDPSettings, device: torch.device) -> dict:
     return {"offload_policy": CPUOffloadPolicy()} if s.offload and device.type == "cuda" else {}
 
 
+def _device(device_mesh) -> torch.device:
+    if device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_mesh.device_type)
+
+
+class _FromFirst:
+    """Filling a module that only process 0 loaded (``first_loads``) once it is sharded: made
+    before ``fully_shard`` (process 0's whole tensors are kept until they are sent), ``fill``-ed after
+    it: the other processes' meta parameters get storage, a tied head is tied again, and every
+    tensor is broadcast from process 0 one at a time, each process keeping its shards
+    (``set_model_state_dict`` with ``broadcast_from_rank0``)."""
+
+    def __init__(self, module: nn.Module, head_owner: nn.Module, device: torch.device):
+        import torch.distributed as dist
+
+        self.module, self.device = module, device
+        self.empty = any(p.is_meta for p in module.parameters())
+        # Whether any process has meta parameters is what every process must agree on.
+        flag = torch.tensor([int(self.empty)], device=device)
+        dist.all_reduce(flag)
+        self.broadcast = bool(flag.item())
+        self.full = module.state_dict() if self.broadcast and dist.get_rank() == 0 else {}
+        self.embeddings, self.head = head_owner.get_input_embeddings(), head_owner.get_output_embeddings()
+        self.tied = self.embeddings.weight is self.head.weight
+
+    def fill(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.empty:
+            self.module._apply(lambda t: torch.empty_like(t, device=self.device) if t.is_meta else t)
+            if self.tied:  # _apply replaced the tied parameter once per module that holds it
+                self.head.weight = self.embeddings.weight
+        if self.broadcast:
+            set_model_state_dict(self.module, self.full,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self.full = {}
+
+
 def shard_student(wrapper: nn.Module, model: nn.Module, s: FSDPSettings, device_mesh) -> nn.Module:
     """``fully_shard`` each decoder layer of ``model`` (the student inside ``wrapper``), then ``wrapper``
-    as the root. The parameters are replaced in place by their shards (DTensors)."""
+    as the root. The parameters are replaced in place by their shards (DTensors). A student from
+    ``first_loads`` (real weights on process 0 only) is filled by broadcast, as ``shard_teacher`` says."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     extra = _offload(s, torch.device(device_mesh.device_type))
     if s.param_dtype is not None:
         extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=s.param_dtype, reduce_dtype=torch.float32)
+    from_first = _FromFirst(wrapper, model, _device(device_mesh))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=device_mesh, reshard_after_forward=s.reshard_after_forward, **extra)
     fully_shard(wrapper, mesh=device_mesh, **extra)  # the root: gathered from forward to the end of backward
+    from_first.fill()
     # One forward through the root now (every process), so FSDP2 knows its root before anything
     # calls the model inside (sampling does).
     with torch.no_grad():
@@ -208,32 +251,16 @@ def shard_teacher(teacher: nn.Module, device_mesh) -> None:
     are made real here and every tensor is broadcast from process 0, one at a time, each process
     keeping its shards (``set_model_state_dict`` with ``broadcast_from_rank0``). So only process 0
     ever holds the whole teacher in host memory."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    device = torch.device(device_mesh.device_type, torch.cuda.current_device()) \
-        if device_mesh.device_type == "cuda" else torch.device(device_mesh.device_type)
-    empty = [p.is_meta for p in teacher.parameters()]
-    # Whether process 0's teacher has meta parameters is what every process must agree on.
-    broadcast = torch.tensor([int(any(empty))], device=device)
-    dist.all_reduce(broadcast)
-    broadcast = bool(broadcast.item())
-    full = teacher.state_dict() if broadcast and dist.get_rank() == 0 else {}  # the whole tensors, until sent
-    embeddings, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
-    tied = embeddings.weight is head.weight
+    device = _device(device_mesh)
+    from_first = _FromFirst(teacher, teacher, device)
     for layer in decoder_layers(teacher):
         fully_shard(layer, mesh=device_mesh, reshard_after_forward=True)
-    if not tied:
-        fully_shard(embeddings, mesh=device_mesh, reshard_after_forward=True)
-    if any(empty):  # storage for this process's shards and the whole head and norm, filled below
-        teacher._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
-        if tied:  # _apply replaced the tied parameter once per module that holds it
-            head.weight = embeddings.weight
+    if not from_first.tied:
+        fully_shard(from_first.embeddings, mesh=device_mesh, reshard_after_forward=True)
+    from_first.fill()
     teacher.to(device)
-    if broadcast:
-        set_model_state_dict(teacher, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
 
 
 def local_bytes(module: nn.Module) -> tuple[int, int]:
@@ -294,4 +321,9 @@ def full_state_dict(model: nn.Module, prefix: str = "") -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state:  # a tied parameter is gathered once per name: make its names one tensor again, as
+        first: dict = {}  # transformers' save_pretrained expects of tied weights (it then writes one)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name in state and first.setdefault(id(p), name) != name:
+                state[name] = state[first[id(p)]]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

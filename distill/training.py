@@ -677,10 +677,16 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         raise UserError(f"student.model {config.student.model} is already a quantized torchao build: train.qat "
                         "starts from float weights (a QAT run keeps them in RUN/student-float)")
     if config.student.model:
-        student = models.check_finite(
-            models.load_causal_lm(config.student.model, revision=config.student.revision,
-                                  trust_remote_code=config.student.trust_remote_code),
-            f"the student {config.student.model}")
+        where = dict(revision=config.student.revision, trust_remote_code=config.student.trust_remote_code)
+
+        def load_student(weights: bool = True):
+            if not weights:  # its shape: process 0 sends the shards (sharding.shard_student)
+                return models.empty_causal_lm(config.student.model, **where)
+            return models.check_finite(models.load_causal_lm(config.student.model, **where),
+                                       f"the student {config.student.model}")
+
+        student = (sharding.first_loads(load_student) if sharded and accelerator.num_processes > 1
+                   else load_student())
     elif config.student.config is not None:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:

@@ -299,3 +299,28 @@ def test_a_bad_teacher_on_process_0_stops_every_process(tmp_path):
     got = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
     assert [g["loads"] for g in got] == [[True], []]
     assert got[0]["error"] == got[1]["error"] and "non-finite weights" in got[0]["error"]
+
+
+def test_a_student_read_by_process_0_alone_trains_as_one_process(workspace, tmp_path):
+    """student.model under two FSDP2 processes: process 1 builds the (tied) student on the meta
+    device and receives its shards from process 0; training matches one process that read it."""
+    from distill import models
+
+    teacher = workspace / "teacher_run" / "student"
+    arch = {**_two_layers(workspace, tmp_path, tie_word_embeddings=True)["config"]}
+    torch.manual_seed(3)
+    start = models.student_from_config(arch, vocab_size=len(models.load_tokenizer(str(teacher))))
+    start.save_pretrained(tmp_path / "start")
+    common = _common(workspace, tmp_path)
+    common["student"] = {"model": str(tmp_path / "start"), "tokenizer": str(teacher), "config": None}
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(2),
+                            **{**common, "train": {**common["train"], "batch_size": 2}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys() == {k for k in load_file(str(tmp_path / "start" / "model.safetensors"))}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(a["model.norm.weight"], load_file(str(tmp_path / "start" / "model.safetensors"))[
+        "model.norm.weight"])  # it trained
