@@ -632,11 +632,11 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         return train_classifier(config)
     t, L = config.train, config.loss
     out = Path(t.output_dir)
+    strategy = sharding.mode(t.sharding)  # ddp, or fsdp2: the student and the teacher sharded (distill/sharding.py)
     accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
                               mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
                               log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
     tok_name, tokenizer = load_run_tokenizer(config)
-    strategy = sharding.mode(t.sharding)  # ddp, or fsdp2: the student and the teacher sharded (distill/sharding.py)
     sharded = strategy == "fsdp2"
     if sharded and (why := sharding.unsupported(config)) is not None:
         raise UserError(f"train.sharding=fsdp2 does not support {why} yet: use train.sharding=ddp")

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from distill import sharding
-from tests.conftest import distill_config, write_config
-from tests.helpers import deterministic_metrics, read_metrics, run_cli
+from tests.conftest import distill_config
+from tests.helpers import deterministic_metrics, read_metrics
+from tests.test_train import params, train_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +25,6 @@ def fsdp2_processes(n: int = 2, *options: str) -> list[str]:
     """`accelerate launch` with the shipped FSDP2 config: distill shards when launched this way."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
             "--num_processes", str(n), "--main_process_port", str(PORT), *options, "-m", "distill"]
-
-
-def train_cli(tmp_path, ws, name, env=None, launcher=None, **sections):
-    config = distill_config(ws, tmp_path / name, **sections)
-    result = run_cli("train", str(write_config(tmp_path / f"{name}.yaml", config)), env=env, launcher=launcher)
-    return result, tmp_path / name
-
-
-def params(run_dir):
-    return load_file(str(run_dir / "student" / "model.safetensors"))
 
 
 def _two_layers(ws, tmp_path, **extra):
@@ -188,6 +179,9 @@ def test_one_fsdp2_process_trains_like_ddp_and_refuses_what_it_cannot_shard(work
 
     result, _ = train_cli(tmp_path, workspace, "v1", env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, **common)
     assert result.returncode == 2 and "fsdp_version: 2" in result.stderr and "Traceback" not in result.stderr
+    result, _ = train_cli(tmp_path, workspace, "ds", env={"ACCELERATE_USE_DEEPSPEED": "true"}, **common)
+    assert result.returncode == 2 and "does not run under DeepSpeed yet" in result.stderr
+    assert "examples/accelerate/fsdp2.yaml" in result.stderr and "Traceback" not in result.stderr
     result, _ = train_cli(tmp_path, workspace, "qat", **{**common, "train": {**common["train"], "sharding": "fsdp2",
                                                                            "qat": {"bits": 4, "group_size": 16}}})
     assert result.returncode == 2 and "train.sharding=fsdp2 does not support train.qat" in result.stderr

@@ -82,11 +82,11 @@ def serve(script: Script):
                 script.peak = max(script.peak, script.in_flight)
                 step = script.plan.pop(0) if script.plan else None  # None: the default answer
             time.sleep(script.delay)
-            try:
-                self._answer(*(step or script.default(body)))
-            finally:
-                with script.lock:
-                    script.in_flight -= 1
+            # Out of flight before the answer is written: once the client has read it, it may send
+            # its next request before this thread would get past the write (a peak of concurrency + 1).
+            with script.lock:
+                script.in_flight -= 1
+            self._answer(*(step or script.default(body)))
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
