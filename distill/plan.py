@@ -423,6 +423,24 @@ def check_fits(config: Config, processes: int, processes_here: int, tokenizer=No
         + ", ".join(f"{k} {size(v)}" for k, v in top) + f"; {hint} (see `distill plan`; train.memory_gb=0 skips this check)")
 
 
+def loading(x: Inputs, student_from: str) -> str:
+    """What loading the weights costs in host memory, DDP against FSDP2. ``student_from``: "model"
+    (student.model, read from disk), "config" (built by every process from the seed) or "teacher"
+    (student.init_from_teacher_layers). The student is loaded in fp32."""
+    student = f"the student ({size(4 * x.student.params)})"
+    whole = student if x.teacher is None else f"the teacher ({size(x.teacher_bytes * x.teacher.params)}) and {student}"
+    if student_from == "teacher":
+        fsdp = "every process reads the teacher too (student.init_from_teacher_layers), then keeps its shards"
+    elif student_from == "model":
+        fsdp = "process 0 alone reads them and sends the others their shards"
+    elif x.teacher is None:
+        fsdp = "every process builds the student from its config, then keeps its shards"
+    else:
+        fsdp = ("process 0 alone reads the teacher and sends the others their shards; every process builds the "
+                "student from its config")
+    return f"loading (host memory): under DDP every process holds {whole}; under FSDP2 {fsdp}."
+
+
 def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> str:
     """The text `distill plan` prints."""
     x = inputs_of(config)
@@ -441,4 +459,6 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
             "all of it).\nEstimates of tensor bytes: the allocator, CUDA context and Python come on top (on CPU "
             "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs "
             "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, DDP otherwise.")
-    return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", foot])
+    s = config.student
+    load = loading(x, "model" if s.model else "teacher" if s.init_from_teacher_layers else "config")
+    return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", load, foot])

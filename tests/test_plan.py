@@ -204,6 +204,12 @@ def test_distill_plan_prints_both_strategies(tiny, tmp_path):
     assert lines["fits"].split()[1:] == ["yes", "yes"]
     best = plan.largest_batch(x, 2 ** 30, strategy="ddp", processes=2, checkpointing=False)
     assert lines["largest micro-batch"].split()[2] == str(best)
+    # Host memory while loading: an fp32 teacher (4 B each) and the fp32 student, by hand.
+    teacher_bytes, student_bytes = 4 * x.teacher.params, 4 * x.student.params
+    assert (f"loading (host memory): under DDP every process holds the teacher ({plan.size(teacher_bytes)}) and the "
+            f"student ({plan.size(student_bytes)}); under FSDP2 process 0 alone reads the teacher and sends the "
+            "others their shards; every process builds the student from its config.") in done.stdout
+    assert "every process reads the teacher too" in plan.loading(x, "teacher")
     tight = run_cli("plan", str(path), "--gpu-memory", "0.000001")
     assert tight.returncode == 0 and "NO" in tight.stdout
     bad = run_cli("plan", str(path), "--processes", "0")
