@@ -235,7 +235,8 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     classification head), and the listed teacher layers; of the teacher's own class.
 
     Student layer ``i`` is a copy of teacher layer ``layers[i]`` (DistilBERT initializes from every
-    other layer: ``[0, 2, 4, ...]``). The teacher is not modified.
+    other layer: ``[0, 2, 4, ...]``). The teacher is not modified. A teacher with meta parameters
+    gives a student with meta parameters (its shape; under FSDP2 process 0 sends the weights).
     """
     n_teacher = teacher.config.num_hidden_layers
     bad = [i for i in layers if not 0 <= i < n_teacher]
@@ -246,7 +247,14 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full)
         config.layer_types = [config.layer_types[i] for i in layers]
-    student = type(teacher)(config).to(teacher.dtype)
+    empty = any(p.is_meta for p in teacher.parameters())  # a teacher of its shape only (sharding.first_loads)
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            student = type(teacher)(config).to(teacher.dtype)
+    else:
+        student = type(teacher)(config).to(teacher.dtype)
     targets = {}  # teacher layer index -> student positions (a layer listed twice fills both)
     for s, t in enumerate(layers):
         targets.setdefault(t, []).append(s)
@@ -259,7 +267,7 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
         prefix, index, rest = match.groups()
         for s in targets.get(int(index), []):  # teacher layers not listed are dropped
             state[f"{prefix}.{s}.{rest}"] = value.clone()
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing, unexpected = student.load_state_dict(state, strict=False, assign=empty)  # meta stays meta
     missing = [k for k in missing if k not in _tied_keys(student)]
     if missing or unexpected:  # a layout this function does not know: fail loudly, never half-copy
         raise UserError(f"student.init_from_teacher_layers: cannot map the teacher's parameters onto the "

@@ -426,12 +426,11 @@ def check_fits(config: Config, processes: int, processes_here: int, tokenizer=No
 def loading(x: Inputs, student_from: str) -> str:
     """What loading the weights costs in host memory, DDP against FSDP2. ``student_from``: "model"
     (student.model, read from disk), "config" (built by every process from the seed) or "teacher"
-    (student.init_from_teacher_layers). The student is loaded in fp32."""
+    (student.init_from_teacher_layers, made by process 0 from the teacher it read). The student is
+    loaded in fp32."""
     student = f"the student ({size(4 * x.student.params)})"
     whole = student if x.teacher is None else f"the teacher ({size(x.teacher_bytes * x.teacher.params)}) and {student}"
-    if student_from == "teacher":
-        fsdp = "every process reads the teacher too (student.init_from_teacher_layers), then keeps its shards"
-    elif student_from == "model":
+    if student_from in ("model", "teacher"):  # teacher: the student is made of its layers, on process 0
         fsdp = "process 0 alone reads them and sends the others their shards"
     elif x.teacher is None:
         fsdp = "every process builds the student from its config, then keeps its shards"

@@ -20,7 +20,7 @@ examples/accelerate/); the config's ``fsdp_reshard_after_forward``, ``fsdp_offlo
   of its 8.0B parameters).
   Only process 0 reads the teacher's weights (``first_loads``); the others build its shape on the
   meta device and receive their shards by broadcast (``shard_teacher``). A ``student.model`` is
-  loaded the same way.
+  loaded the same way, and a student from the teacher's layers is made on process 0 (meta elsewhere).
 - **Mixed precision** (``train.precision=bf16``): the student's units gather bf16 copies of fp32
   master shards and reduce gradients in fp32 (``MixedPrecisionPolicy``), under the same autocast as
   DDP runs.

@@ -658,7 +658,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
-        if sharded and accelerator.num_processes > 1 and not config.student.init_from_teacher_layers:
+        if sharded and accelerator.num_processes > 1:  # (a student from its layers then follows it)
             # Read once, by process 0; the others get their shards from it (sharding.shard_teacher).
             teacher = sharding.first_loads(lambda weights: load_teacher(config, weights=weights))
         else:

@@ -318,3 +318,20 @@ def test_a_student_read_by_process_0_alone_trains_as_one_process(workspace, tmp_
         torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
     assert not torch.equal(a["model.norm.weight"], load_file(str(tmp_path / "start" / "model.safetensors"))[
         "model.norm.weight"])  # it trained
+
+
+def test_a_student_from_teacher_layers_under_fsdp2_is_built_from_process_0s_teacher(workspace, tmp_path):
+    """student.init_from_teacher_layers under two FSDP2 processes: process 1's teacher, and so the
+    student made from its layers, have meta parameters until process 0 sends theirs; training
+    matches one process."""
+    common = _common(workspace, tmp_path)
+    common["student"] = {"config": None, "init_from_teacher_layers": [1]}
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(2),
+                            **{**common, "train": {**common["train"], "batch_size": 2}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
