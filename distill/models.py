@@ -7,6 +7,7 @@ architecture config, or initialized from a subset of the teacher's layers (Disti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -247,13 +248,10 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: Sequence[int])
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding/full)
         config.layer_types = [config.layer_types[i] for i in layers]
-    empty = any(p.is_meta for p in teacher.parameters())  # a teacher of its shape only (sharding.first_loads)
-    if empty:
-        from accelerate import init_empty_weights
+    from accelerate import init_empty_weights
 
-        with init_empty_weights(include_buffers=False):
-            student = type(teacher)(config).to(teacher.dtype)
-    else:
+    empty = any(p.is_meta for p in teacher.parameters())  # a teacher of its shape only (sharding.first_loads)
+    with init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext():
         student = type(teacher)(config).to(teacher.dtype)
     targets = {}  # teacher layer index -> student positions (a layer listed twice fills both)
     for s, t in enumerate(layers):

@@ -656,10 +656,13 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # Teacher, student.
     from_cache = config.teacher.source == "cache"  # targets from `distill cache`: no teacher model in memory
+    # Under FSDP2 with several processes, process 0 alone reads the weights and the others build the
+    # models on the meta device and receive their shards (sharding.first_loads, shard_teacher/_student);
+    # a student made from the teacher's layers is then meta wherever the teacher is.
+    first_reads = sharded and accelerator.num_processes > 1
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
-        if sharded and accelerator.num_processes > 1:  # (a student from its layers then follows it)
-            # Read once, by process 0; the others get their shards from it (sharding.shard_teacher).
+        if first_reads:
             teacher = sharding.first_loads(lambda weights: load_teacher(config, weights=weights))
         else:
             teacher = load_teacher(config)
@@ -685,8 +688,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             return models.check_finite(models.load_causal_lm(config.student.model, **where),
                                        f"the student {config.student.model}")
 
-        student = (sharding.first_loads(load_student) if sharded and accelerator.num_processes > 1
-                   else load_student())
+        student = sharding.first_loads(load_student) if first_reads else load_student()
     elif config.student.config is not None:
         student = models.student_from_config(config.student.config, vocab_size=len(tokenizer))
     else:
