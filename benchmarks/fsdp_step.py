@@ -1,14 +1,15 @@
-"""DDP against FSDP2 in `distill train`: step time and the parameter bytes each process holds.
+"""DDP against FSDP2 and ZeRO-3 in `distill train`: step time and the parameter bytes each process holds.
 
-    python benchmarks/fsdp_step.py --out runs/fsdp-step [--steps 8]
+    python benchmarks/fsdp_step.py --out runs/fsdp-step [--steps 8] [--cases NAME ...]
 
 The models and data are plan_memory.py's: a 43.8M-parameter student built from a config, a random
 56.6M-parameter bf16 teacher (tied embeddings), 512-token packed rows of the bundled corpus, bf16
 autocast, AdamW, the chunked loss. Each case is a real `distill train` run with the same global
 batch (8 rows per optimizer step); the 2-process cases run under `torch.distributed.run` (gloo on
 CPU, NCCL on GPU). Step time is the median of the logged per-step wall time after the first two
-steps (log_every 1). The held bytes are those FSDP2 prints at start (every process holds whole
-models under DDP). Prints a Markdown table and saves ``fsdp_step.json``.
+steps (log_every 1). The held bytes are those FSDP2 / ZeRO-3 print at start (every process holds
+whole models under DDP). The ZeRO-3 case needs deepspeed (``pip install -e '.[deepspeed]'``) and runs
+with DeepSpeed's default settings (parameters under 1e5 elements, the norms, stay whole). Prints a Markdown table and saves ``fsdp_step.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CASES = {  # name -> (processes, overrides)
     "2 processes FSDP2, b=4 each": (2, {"train.batch_size": 4, "train.sharding": "fsdp2"}),
     "2 processes FSDP2 + checkpointing, b=4 each": (2, {"train.batch_size": 4, "train.sharding": "fsdp2",
                                                        "train.gradient_checkpointing": True}),
+    "2 processes ZeRO-3, b=4 each": (2, {"train.batch_size": 4, "train.sharding": "zero3"}),
 }
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/fsdp-step")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cases", nargs="*", default=None, help="run only these cases (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +51,8 @@ def main() -> None:
     make_teacher(teacher)
     rows = []
     for name, (processes, overrides) in CASES.items():
+        if args.cases and name not in args.cases:
+            continue
         config = base_config(out / "run", teacher)
         config["train"].update(max_steps=args.steps, log_every=1, save_every=0, memory_gb=0)
         config["data"]["max_train_examples"] = 8 * args.steps

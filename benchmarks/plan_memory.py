@@ -9,8 +9,8 @@ the peak of its live tensor bytes (what the plan estimates): on CPU from every a
 ``torch.profiler`` records (``profile_memory=True``), on a GPU ``torch.cuda.max_memory_allocated``.
 On CPU it also records the process's peak resident memory (VmHWM) above its resident memory right
 before ``train()`` (after every import): tensors plus the allocator's fragmentation, the data,
-tokenizer and libraries. The plan (for the run's strategy: DDP, or FSDP2 under
-``train.sharding=fsdp2``) is computed from the same config. The 2-process cases run under
+tokenizer and libraries. The plan (for the run's strategy: DDP, FSDP2 under ``train.sharding=fsdp2``,
+ZeRO-3 under ``train.sharding=zero3``, which needs deepspeed) is computed from the same config. The 2-process cases run under
 ``torch.distributed.run`` (gloo) and report the larger of the two processes' peaks.
 
 Prints a Markdown table and saves ``plan_memory.json``.
@@ -45,6 +45,8 @@ CASES = {  # name -> overrides of the base config
     "b=8, 2 processes (DDP)": {"train.batch_size": 8, "processes": 2},
     "b=2, 2 processes (FSDP2)": {"train.batch_size": 2, "train.sharding": "fsdp2", "processes": 2},
     "b=8, 2 processes (FSDP2)": {"train.batch_size": 8, "train.sharding": "fsdp2", "processes": 2},
+    "b=2, 2 processes (ZeRO-3)": {"train.batch_size": 2, "train.sharding": "zero3", "processes": 2},
+    "b=8, 2 processes (ZeRO-3)": {"train.batch_size": 8, "train.sharding": "zero3", "processes": 2},
 }
 
 RUNNER = r"""
@@ -130,7 +132,7 @@ def main() -> None:
         processes = overrides.get("processes", 1)
         config = with_overrides(base_config(out / "run", teacher), overrides)
         c = load_config(config)
-        strategy = "fsdp2" if c.train.sharding == "fsdp2" else "ddp"
+        strategy = c.train.sharding if c.train.sharding in ("fsdp2", "zero3") else "ddp"
         plan = components(inputs_of(c), strategy=strategy, processes=processes,
                           checkpointing=c.train.gradient_checkpointing)
         subprocess.run(["rm", "-rf", str(out / "run")], check=True)

@@ -256,7 +256,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False  # causal_lm: recompute each decoder layer in backward (less memory, ~1/3 more compute)
     memory_gb: Optional[float] = None  # causal_lm: refuse before loading weights when `distill plan` exceeds this per process (default: the GPU's memory, else available RAM; 0: no check)
-    sharding: Literal["auto", "ddp", "fsdp2"] = "auto"  # causal_lm: ddp (a full copy per process) or fsdp2 (student and teacher sharded); auto: fsdp2 when launched with an Accelerate FSDP config
+    sharding: Literal["auto", "ddp", "fsdp2", "zero3"] = "auto"  # causal_lm: ddp (a full copy per process), fsdp2 (student and teacher sharded) or zero3 (DeepSpeed ZeRO-3 student, FSDP2 teacher); auto: follows an Accelerate FSDP / DEEPSPEED launch config
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
     eval_at_start: bool = False  # also evaluate the untrained student (step 0)

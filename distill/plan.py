@@ -27,6 +27,12 @@ student (FSDP2's gathered parameters are bf16, so the residual stream is, and au
 weight copies). The teacher's decoder layers and untied input embeddings are divided by the number
 of processes, its head and final norm are whole, and one unit at a time is gathered.
 
+ZeRO-3 (distill/zero3.py) divides the student's parameters, gradients and optimizer state alike
+(its fp32 master partitions are the parameters' own, as distill runs it), gathers fp32 parameters
+(the root's and two layers'), and keeps DDP's activations (fp32 parameters under autocast); its
+teacher is FSDP2's. DeepSpeed's buckets and prefetching (``stage3_*`` settings) are not modelled:
+BENCHMARKS.md "Memory plan" says how far that puts the estimate from measured peaks.
+
 Not counted: the KV cache of sampling in the loop (``generation``), the cross-tokenizer alignment's
 buffers, QAT's fake-quantized weight copies, and the feature terms' projections and captured
 states.
@@ -108,7 +114,7 @@ class Plan:
     step), the larger of the gradients and the forward's transients, which are not alive at once
     (backward frees activations as it writes gradients); with accumulation, all of them."""
 
-    strategy: str  # "ddp" or "fsdp2"
+    strategy: str  # "ddp", "fsdp2" or "zero3"
     processes: int
     batch: int
     checkpointing: bool
@@ -147,12 +153,12 @@ class Inputs:
 def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int] = None,
                checkpointing: bool = False) -> Plan:
     """The per-process bytes of each component (see the module docstring for what each counts)."""
-    if strategy not in ("ddp", "fsdp2"):
-        raise ValueError(f"strategy must be ddp or fsdp2, got {strategy!r}")
+    if strategy not in ("ddp", "fsdp2", "zero3"):
+        raise ValueError(f"strategy must be ddp, fsdp2 or zero3, got {strategy!r}")
     b = x.batch if batch is None else batch
     n = processes
     s, t = x.student, x.teacher
-    shard = n if strategy == "fsdp2" else 1
+    shard = 1 if strategy == "ddp" else n
     parts = {
         "student parameters": 4 * s.params // shard,
         "gradients": 4 * s.params // shard,
@@ -163,9 +169,12 @@ def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int]
     if strategy == "fsdp2":
         root = s.params - s.layers * s.layer_params
         parts["gathered student layers"] = x.compute_bytes * (root + 2 * s.layer_params) + 4 * s.layer_params
+    elif strategy == "zero3":  # fp32 partitions (DeepSpeed's masters are the same tensors), fp32 gathers
+        root = s.params - s.layers * s.layer_params
+        parts["gathered student layers"] = 4 * (root + 2 * s.layer_params)
     if t is None:
         parts["teacher parameters"] = 0
-    elif strategy == "fsdp2":  # the layers and untied input embeddings sharded, the head and norm whole
+    elif strategy in ("fsdp2", "zero3"):  # zero3's teacher is sharded as under FSDP2  # the layers and untied input embeddings sharded, the head and norm whole
         sharded = t.layers * t.layer_params + t.embedding
         parts["teacher parameters"] = x.teacher_bytes * (sharded // n + t.params - sharded)
         parts["gathered teacher layers"] = x.teacher_bytes * max(t.layer_params, t.embedding)  # one unit at a time
@@ -375,7 +384,7 @@ def size(n: int) -> str:
 
 def table(x: Inputs, processes: int, budget: Optional[int], checkpointing: bool) -> str:
     """The plan as text: components per strategy, total, fit, and the largest micro-batch that fits."""
-    strategies = ("ddp", "fsdp2")
+    strategies = ("ddp", "fsdp2", "zero3")
     plans = [components(x, strategy=s, processes=processes, checkpointing=checkpointing) for s in strategies]
     rows = [(name, [size(p.parts[name]) if name in p.parts else "-" for p in plans])
             for name in ORDER if any(name in p.parts for p in plans)]
@@ -387,7 +396,7 @@ def table(x: Inputs, processes: int, budget: Optional[int], checkpointing: bool)
                          [str(largest_batch(x, budget, strategy=s, processes=processes, checkpointing=ckpt))
                           for s in strategies]))
     width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'per process':<{width}}{'DDP':>14}{'FSDP2':>14}"]
+    lines = [f"{'per process':<{width}}{'DDP':>14}{'FSDP2':>14}{'ZeRO-3':>14}"]
     lines += [f"{name:<{width}}" + "".join(f"{v:>14}" for v in values) for name, values in rows]
     return "\n".join(lines)
 
@@ -424,7 +433,7 @@ def check_fits(config: Config, processes: int, processes_here: int, tokenizer=No
 
 
 def loading(x: Inputs, student_from: str) -> str:
-    """What loading the weights costs in host memory, DDP against FSDP2. ``student_from``: "model"
+    """What loading the weights costs in host memory under DDP, FSDP2 and ZeRO-3. ``student_from``: "model"
     (student.model, read from disk), "config" (built by every process from the seed) or "teacher"
     (student.init_from_teacher_layers, made by process 0 from the teacher it read). The student is
     loaded in fp32."""
@@ -437,7 +446,12 @@ def loading(x: Inputs, student_from: str) -> str:
     else:
         fsdp = ("process 0 alone reads the teacher and sends the others their shards; every process builds the "
                 "student from its config")
-    return f"loading (host memory): under DDP every process holds {whole}; under FSDP2 {fsdp}."
+    if student_from == "teacher" or x.teacher is None:
+        zero = f"every process holds {whole} until DeepSpeed partitions the student"
+    else:
+        zero = (f"process 0 alone reads the teacher and sends the others their shards; every process holds {student} "
+                "until DeepSpeed partitions it")
+    return f"loading (host memory): under DDP every process holds {whole}; under FSDP2 {fsdp}; under ZeRO-3 {zero}."
 
 
 def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> str:
@@ -457,7 +471,8 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
             "buffers and teacher forward (with grad_accum_steps 1 they are not alive at once; with accumulation, "
             "all of it).\nEstimates of tensor bytes: the allocator, CUDA context and Python come on top (on CPU "
             "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs "
-            "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, DDP otherwise.")
+            "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, ZeRO-3 under train.sharding=zero3 or "
+            "a DEEPSPEED one, DDP otherwise.")
     s = config.student
     load = loading(x, "model" if s.model else "teacher" if s.init_from_teacher_layers else "config")
     return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", load, foot])

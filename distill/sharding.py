@@ -65,14 +65,14 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def mode(sharding: str) -> str:
-    """"ddp" or "fsdp2": ``train.sharding``, where "auto" follows the launch (an Accelerate FSDP config
-    sets ``ACCELERATE_USE_FSDP``)."""
-    if _env_flag("ACCELERATE_USE_DEEPSPEED", False):  # its engine would own the step and free the LM head
-        raise UserError("distill train does not run under DeepSpeed yet (the Accelerate config's distributed_type "
-                        "is DEEPSPEED): shard with FSDP2 instead, e.g. accelerate launch --config_file "
-                        "examples/accelerate/fsdp2.yaml (BENCHMARKS.md \"FSDP2\" says what ZeRO-3 needs)")
+    """"ddp", "fsdp2" or "zero3": ``train.sharding``, where "auto" follows the launch (an Accelerate FSDP
+    config sets ``ACCELERATE_USE_FSDP``, a DEEPSPEED one ``ACCELERATE_USE_DEEPSPEED``: distill/zero3.py)."""
+    from distill import zero3
+
     if sharding != "auto":
         return sharding
+    if zero3.launched():
+        return "zero3"
     if not _env_flag("ACCELERATE_USE_FSDP", False):
         return "ddp"
     version = os.environ.get("FSDP_VERSION", "1")

@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,7 +42,7 @@ from distill.export import qat
 from distill.export.torchao_build import is_torchao_folder
 from distill.features import (FeatureSettings, LayerTaps, check_attentions, check_relation_widths,
                               feature_projections, feature_settings, per_position_terms, use_eager_attention)
-from distill import faults, sharding
+from distill import faults, sharding, zero3
 from distill.generation import NonFiniteGuard, SamplingSettings, sample
 from distill.losses import (DEFAULT_CHUNK_SIZE, LossParts, chunk_slices, chunked_kd_loss, cross_entropy, forward_kl,
                             get_divergence, kd_loss, slice_vocab, sparse_kd_loss, tau2_scale)
@@ -93,7 +93,11 @@ class Backbone(nn.Module):
     saved with it (the hidden-state projections) and hooks on the student's layers; a forward given
     ``teacher_features`` (the teacher's, from ``LayerTaps``) and ``positions`` (B, T) bool returns
     (output, {term: sum over those positions}), so every trained parameter is used inside one
-    forward (what DDP needs)."""
+    forward (what DDP needs).
+
+    A forward given ``objective`` returns ``objective(self)``: whatever reads the LM head's weight
+    directly (the chunked loss, evaluation's scores) runs inside the root's forward, where ZeRO-3
+    has that weight gathered (distill/zero3.py); ``objective`` calls ``_run``, not the module."""
 
     def __init__(self, model: nn.Module, features: Optional[FeatureSettings] = None, teacher_width: int = 0):
         super().__init__()
@@ -108,8 +112,10 @@ class Backbone(nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
 
-    def forward(self, input_ids, attention_mask, logits: bool = False, teacher_features: Optional[dict] = None,
-                positions: Optional[Tensor] = None):
+    def forward(self, input_ids=None, attention_mask=None, logits: bool = False,
+                teacher_features: Optional[dict] = None, positions: Optional[Tensor] = None, objective=None):
+        if objective is not None:
+            return objective(self)
         if teacher_features is None or self.features is None:
             return self._run(input_ids, attention_mask, logits)
         with self.taps.recording() as seen:
@@ -187,13 +193,14 @@ class LossSettings:
 
 
 def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, examples: Optional[list[int]] = None,
-                     taps: Optional[LayerTaps] = None):
+                     taps: Optional[LayerTaps] = None, inside: bool = False):
     """(LossParts (sums), teacher_ok) for one micro-batch. ``teacher`` (a ``distill.teachers`` source,
     or None for CE alone) says what it says about the supervised positions; ``examples`` are the rows'
     training-example indices (a cache looks targets up by them). ``teacher_ok`` is a 0-dim bool tensor
     saying the teacher's signal is finite, or None without a teacher. With ``s.features``, ``taps``
     (hooks on the live teacher's model) give the teacher's features, and the feature terms, summed
-    over the positions that predict a supervised token, are added with their weights."""
+    over the positions that predict a supervised token, are added with their weights. With ``inside``
+    (ZeRO-3), the objective runs inside the student's forward (``Backbone(objective=...)``)."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = labels != -100
     tokens = labels[mask]  # (N,)
@@ -206,6 +213,12 @@ def micro_batch_loss(student: nn.Module, teacher, batch: dict, s: LossSettings, 
     teacher_features = LayerTaps.grouped(seen) if features else None
     teacher_ok = signal.ok if signal is not None else None
     sums: dict = {}  # the feature terms' sums, when the student's forward computes them
+    if inside:  # (no feature terms under ZeRO-3)
+        def run(bb: nn.Module) -> tuple:  # a tuple of tensors: what ZeRO-3's backward hooks can find
+            parts = _objective(lambda logits=False: bb._run(inputs["input_ids"], inputs["attention_mask"], logits),
+                               head_of(bb), signal, mask, tokens, s)
+            return tuple(getattr(parts, f.name) for f in dataclasses.fields(parts))
+        return LossParts(*student(objective=run)), teacher_ok
     if teacher_features is None:
         def forward(logits: bool = False) -> Tensor:
             return student(**inputs, logits=logits)
@@ -329,8 +342,7 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     div_name = "reverse_kl" if s.divergence == SAMPLED_OBJECTIVE else s.divergence  # what the sampled one estimates
     div = get_divergence(div_name)
     sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # ce, n, fkl, div, agree, non-finite
-    backbone = _unwrap(student)  # DDP's module (its forward would broadcast buffers), or the FSDP2 root itself
-    head = backbone.model.get_output_embeddings()
+    backbone = _unwrap(student)  # DDP's module (its forward would broadcast buffers), the FSDP2 root, ZeRO-3's module
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     indices = list(range(rank, len(dataset), world))
     # Every process runs the same number of batches: a sharded forward is a collective, so a process
@@ -338,30 +350,38 @@ def evaluate(student: nn.Module, teacher: Optional[nn.Module], dataset, *, batch
     for start in range(0, -(-len(dataset) // world), batch_size):  # ceil(len / world) rows on the busiest
         rows_here = indices[start:start + batch_size]
         batch = fetch(dataset, rows_here or indices[:1] or [0], pad_token_id, accelerator.device)
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         with accelerator.autocast():
-            hidden = backbone(**inputs)[:, :-1][mask]  # (N, d): the final hidden states
-            t_hidden = teacher.base_model(**inputs).last_hidden_state[:, :-1][mask] if teacher is not None else None
-        if not rows_here:
-            continue
-        targets = labels[mask]
-        for rows in chunk_slices(targets.numel(), s.chunk_size or DEFAULT_CHUNK_SIZE):  # never all (N, V) logits
+            t_hidden = (teacher.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        .last_hidden_state[:, :-1][mask] if teacher is not None else None)
+
+        def score(bb: nn.Module) -> Tensor:  # inside the student's forward (ZeRO-3 has its head whole there)
             with accelerator.autocast():
-                logits = slice_vocab(head(hidden[rows]), s.vocab_size).float()  # (n, V)
-            ok = torch.isfinite(logits.sum(-1, dtype=torch.float64))  # (n,): one pass; NaN/inf propagate
-            if teacher is not None:
+                hidden = bb._run(batch["input_ids"], batch["attention_mask"], False)[:, :-1][mask]  # (N, d)
+            add = torch.zeros_like(sums)
+            if not rows_here:
+                return add
+            head = bb.model.get_output_embeddings()
+            targets = labels[mask]
+            for rows in chunk_slices(targets.numel(), s.chunk_size or DEFAULT_CHUNK_SIZE):  # never all (N, V) logits
                 with accelerator.autocast():
-                    t_logits = slice_vocab(t_head(t_hidden[rows]), s.vocab_size).float()  # (n, V)
-                ok &= torch.isfinite(t_logits.sum(-1, dtype=torch.float64))
-            sums[0] += torch.where(ok, cross_entropy(logits, targets[rows]), 0.0).double().sum()
-            sums[1] += ok.sum()
-            sums[5] += (~ok).sum()
-            if teacher is not None:
-                sums[2] += torch.where(ok, forward_kl(logits, t_logits), 0.0).double().sum()
-                sums[3] += torch.where(ok, div(logits, t_logits, **s.divergence_kwargs), 0.0).double().sum()
-                sums[4] += ((logits.argmax(-1) == t_logits.argmax(-1)) & ok).double().sum()
+                    logits = slice_vocab(head(hidden[rows]), s.vocab_size).float()  # (n, V)
+                ok = torch.isfinite(logits.sum(-1, dtype=torch.float64))  # (n,): one pass; NaN/inf propagate
+                if teacher is not None:
+                    with accelerator.autocast():
+                        t_logits = slice_vocab(t_head(t_hidden[rows]), s.vocab_size).float()  # (n, V)
+                    ok &= torch.isfinite(t_logits.sum(-1, dtype=torch.float64))
+                add[0] += torch.where(ok, cross_entropy(logits, targets[rows]), 0.0).double().sum()
+                add[1] += ok.sum()
+                add[5] += (~ok).sum()
+                if teacher is not None:
+                    add[2] += torch.where(ok, forward_kl(logits, t_logits), 0.0).double().sum()
+                    add[3] += torch.where(ok, div(logits, t_logits, **s.divergence_kwargs), 0.0).double().sum()
+                    add[4] += ((logits.argmax(-1) == t_logits.argmax(-1)) & ok).double().sum()
+            return add
+
+        sums += backbone(objective=score)
     student.train()
     ce, n, fkl, dv, agree, bad = accelerator.reduce(sums, reduction="sum").tolist()
     per = (lambda x: x / n) if n else (lambda x: None)  # no finite position: no number to report
@@ -471,9 +491,11 @@ def write_failure(what: str, path: Path, error: Exception) -> Optional[UserError
     return UserError(f"could not write {what} to {path}: {reason}")
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int, shards: Optional[tuple] = None) -> Path:
+def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int,
+                    shards: Optional[Callable[[Path], None]] = None) -> Path:
     """Checkpoint ``state`` (trainer_state.json) with what Accelerate saves (model, optimizer, scheduler,
-    RNG states) and, under FSDP2, ``shards`` = (model, optimizer) as sharded state dicts in ``sharded/``."""
+    RNG states) and, under FSDP2 / ZeRO-3, what ``shards(folder)`` writes: each process's part of the
+    model and optimizer (``sharded/``, ``zero3/``)."""
     final = out / "checkpoints" / f"step-{state['step']:08d}"
     tmp = out / "checkpoints" / f".tmp-step-{state['step']:08d}"
     previous = checkpoints(out)
@@ -483,7 +505,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: dict, keep: int,
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states of every process
         if shards is not None:
-            sharding.save(*shards, tmp / "sharded")  # every process writes its shards
+            shards(tmp)  # every process writes its shards
         faults.point("checkpoint")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -610,12 +632,13 @@ def check_memory(config: Config, processes: int, tokenizer, strategy: str = "ddp
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
 
-def sharded_sizes(student: nn.Module, teacher: Optional[nn.Module], world: int, checkpointing: bool) -> str:
+def sharded_sizes(how: str, student_bytes: tuple[int, int], teacher: Optional[nn.Module], world: int,
+                  checkpointing: bool) -> str:
     """One line: the parameter bytes this process holds of each sharded model, of their whole size."""
-    held = [("student", *sharding.local_bytes(student))]
+    held = [("student", *student_bytes)]
     if teacher is not None:
         held.append(("teacher", *sharding.local_bytes(teacher)))
-    return (f"FSDP2 over {world} processes, parameter bytes per process: "
+    return (f"{how} over {world} processes, parameter bytes per process: "
             + "; ".join(f"{name} {here:,} of {whole:,}" for name, here, whole in held)
             + f" (activation checkpointing {'on' if checkpointing else 'off'})")
 
@@ -632,16 +655,23 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         return train_classifier(config)
     t, L = config.train, config.loss
     out = Path(t.output_dir)
-    strategy = sharding.mode(t.sharding)  # ddp, or fsdp2: the student and the teacher sharded (distill/sharding.py)
-    accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
-                              mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
-                              log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
+    # ddp; fsdp2: the student and the teacher sharded (distill/sharding.py); zero3: the student under
+    # DeepSpeed ZeRO-3, the teacher sharded as under fsdp2 (distill/zero3.py).
+    strategy = sharding.mode(t.sharding)
+    sharded, zeroed = strategy == "fsdp2", strategy == "zero3"
+    if (sharded or zeroed) and (why := sharding.unsupported(config) or (zeroed and zero3.unsupported(config))):
+        raise UserError(f"train.sharding={strategy} does not support {why} yet: use train.sharding=ddp")
+    # Under ZeRO-3 Accelerate starts the processes as for DDP; distill builds DeepSpeed's engine itself.
+    with zero3.hidden_from_accelerate() if zeroed else contextlib.nullcontext():
+        accelerator = Accelerator(cpu=not has_accelerator(),  # on a CPU-only machine: gloo across processes
+                                  mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
+                                  log_with=None if t.tracker == "none" else t.tracker, project_dir=str(out))
     tok_name, tokenizer = load_run_tokenizer(config)
-    sharded = strategy == "fsdp2"
-    if sharded and (why := sharding.unsupported(config)) is not None:
-        raise UserError(f"train.sharding=fsdp2 does not support {why} yet: use train.sharding=ddp")
     fsdp = sharding.settings(t.precision) if sharded else None
-    check_memory(config, accelerator.num_processes, tokenizer, strategy)  # model configs only: no weights, no files
+    ds_config = zero3.ds_config(t, accelerator.num_processes) if zeroed else None
+    if zeroed:
+        zero3.import_deepspeed(accelerator.device)  # a missing DeepSpeed: said now, before any weights load
+    check_memory(config, accelerator.num_processes, tokenizer, strategy)
     main = accelerator.is_main_process
     if main and out.is_dir():
         clean_leftovers(out, t.keep_checkpoints)
@@ -659,10 +689,14 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     # Under FSDP2 with several processes, process 0 alone reads the weights and the others build the
     # models on the meta device and receive their shards (sharding.first_loads, shard_teacher/_student);
     # a student made from the teacher's layers is then meta wherever the teacher is.
+    # (Under ZeRO-3 the teacher is read so too, unless the student is made from its layers: DeepSpeed
+    # partitions a student every process holds whole.)
     first_reads = sharded and accelerator.num_processes > 1
+    teacher_first = first_reads or (zeroed and accelerator.num_processes > 1
+                                    and not config.student.init_from_teacher_layers)
     teacher = None  # with kd_weight 0 a named teacher is still loaded: for layer init and eval fidelity
     if config.teacher.model and (not from_cache or config.student.init_from_teacher_layers):
-        if first_reads:
+        if teacher_first:
             teacher = sharding.first_loads(lambda weights: load_teacher(config, weights=weights))
         else:
             teacher = load_teacher(config)
@@ -774,16 +808,23 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     max_steps = t.max_steps or max(1, int(t.epochs * steps_per_epoch))
 
     backbone = Backbone(student, features, teacher_width=teacher.config.hidden_size if features is not None else 0)
-    if teacher is not None and not sharded:
+    if teacher is not None and not (sharded or zeroed):
         teacher.to(accelerator.device)
-    if sharded:  # sharded in place: the optimizer is built over the shards, checkpoints are sharded state dicts
+    if sharded or zeroed:
         device_mesh = sharding.mesh(accelerator.device, world)
         if teacher is not None:
             sharding.shard_teacher(teacher, device_mesh)
+    if sharded:  # sharded in place: the optimizer is built over the shards, checkpoints are sharded state dicts
         model = sharding.shard_student(backbone, student, fsdp, device_mesh)
         optimizer, scheduler = build_optimizer(model.parameters(), t, max_steps)
-        shards = (model, optimizer)
-        accelerator.print(sharded_sizes(model, teacher, world, checkpointing))
+        shards = lambda folder: sharding.save(model, optimizer, folder / "sharded")  # noqa: E731
+        accelerator.print(sharded_sizes("FSDP2", sharding.local_bytes(model), teacher, world, checkpointing))
+    elif zeroed:  # the engine partitions the student and owns the step; the scheduler is ours
+        optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)
+        model = zero3.initialize(backbone, optimizer, ds_config, accelerator.device)
+        optimizer = zero3.Steps(model)
+        shards = lambda folder: zero3.save(model, folder / "zero3")  # noqa: E731
+        accelerator.print(sharded_sizes("ZeRO-3", zero3.local_bytes(model.module), teacher, world, checkpointing))
     else:
         optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
         model, optimizer = accelerator.prepare(backbone, optimizer)
@@ -827,6 +868,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         accelerator.load_state(str(resume_from))  # with FSDP2: the scheduler and the RNG states
         if sharded:
             sharding.load(model, optimizer, resume_from / "sharded")
+        elif zeroed:
+            zero3.load(model, resume_from / "zero3")
         state = {**state, **saved}
         metrics.truncate_after(state["step"])
         samples_log.truncate_after(state["step"])
@@ -874,14 +917,21 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
             for m, batch in enumerate(batches):
                 # DDP and FSDP2 average gradients over processes, so multiply by world to divide by n_global
                 # once. FSDP2 reduce-scatters every micro-batch's gradients (no_sync would keep them whole).
-                sync = (accelerator.no_sync(model) if m < len(batches) - 1 and not sharded
+                # ZeRO-3 reduce-scatters every micro-batch's gradients into its partitions; its step is
+                # taken once, after the last (the boundary), by settle_step.
+                sync = (accelerator.no_sync(model) if m < len(batches) - 1 and not (sharded or zeroed)
                         else contextlib.nullcontext())
+                if zeroed:
+                    model.set_gradient_accumulation_boundary(m == len(batches) - 1)
                 with sync:
                     with accelerator.autocast():
                         parts, teacher_ok = micro_batch_loss(model, loss_teacher, batch, settings,
                                                              made.examples[m] if source == "data" else None,
-                                                             taps=teacher_taps)
-                    accelerator.backward(parts.loss * (world / max(n_global, 1)))
+                                                             taps=teacher_taps, inside=zeroed)
+                    if zeroed:
+                        model.backward(parts.loss * (world / max(n_global, 1)), scale_wrt_gas=False)
+                    else:
+                        accelerator.backward(parts.loss * (world / max(n_global, 1)))
                 if teacher_ok is not None:
                     bad[rank, m, 0] = (~teacher_ok).double()
                 bad[rank, m, 1] = (~torch.isfinite(parts.loss.detach())).double()
@@ -889,8 +939,12 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
                 for i, name in enumerate(feature_names):
                     step_sums[4 + i] += parts.features[name].double()
             clip = t.max_grad_norm or float("inf")
-            grad_norm = (sharding.clip_grad_norm(model.parameters(), clip) if sharded
-                         else accelerator.clip_grad_norm_(model.parameters(), clip))
+            if zeroed:  # the engine clips (gradient_clipping) in its step; the norm is read before it
+                grad_norm = zero3.grad_norm(model)
+            elif sharded:
+                grad_norm = sharding.clip_grad_norm(model.parameters(), clip)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
             # fp16's loss scaler finds and skips overflowing gradients itself: not an error.
             grad_bad = (~torch.isfinite(grad_norm)).double().view(1) * (accelerator.scaler is None) / world
             reduced = accelerator.reduce(torch.cat([step_sums, grad_bad, bad.flatten()]), reduction="sum").tolist()
@@ -964,8 +1018,9 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
 
     # The student in standard Hugging Face format, written whole or not at all.
     final = out / "student"
-    if sharded:  # gathered on process 0 (every process takes part)
-        whole = sharding.full_state_dict(model, prefix="model.")
+    if sharded or zeroed:  # gathered on process 0 (every process takes part)
+        whole = (sharding.full_state_dict(model, prefix="model.") if sharded
+                 else zero3.full_state_dict(model.module, prefix="model."))
         if main:
             save_student(student, tokenizer, out, state_dict=whole)
     elif main and t.qat is not None:

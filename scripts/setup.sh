@@ -8,8 +8,9 @@
 # To use a torch from your system Python instead: VENV_FLAGS=--system-site-packages bash scripts/setup.sh
 #
 # Usage: bash scripts/setup.sh [EXTRAS]   EXTRAS: comma-separated, default "dev"; the tests use
-# "dev,export" (export: gguf, torchao, and llama-cpp-python, which compiles llama.cpp from source
-# the first time: about 8 minutes on 2 cores; pip caches the wheel).
+# "dev,export,deepspeed" (export: gguf, torchao, and llama-cpp-python, which compiles llama.cpp from
+# source the first time: about 8 minutes on 2 cores, pip caches the wheel; deepspeed: for
+# train.sharding=zero3, about 30 seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}

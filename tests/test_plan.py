@@ -119,6 +119,14 @@ def test_components_by_hand():
     assert g.parts["activations"] == 7000 * 3  # FSDP2's bf16 parameters: its own forward's count
     assert plan.components(_inputs(sharded_activations=mixed), strategy="ddp", processes=2).parts["activations"] == \
         one.parts["activations"]
+    z = plan.components(_inputs(teacher=untied, sharded_activations=mixed), strategy="zero3", processes=4)
+    # ZeRO-3: the student divided as under FSDP2, fp32 gathers of the root and two layers, DDP's activations
+    # (fp32 parameters under autocast), FSDP2's teacher.
+    assert (z.parts["student parameters"], z.parts["gradients"], z.parts["optimizer state"]) == (1000, 1000, 2000)
+    assert z.parts["gathered student layers"] == 4 * (400 + 2 * 300)
+    assert z.parts["activations"] == one.parts["activations"]
+    assert (z.parts["teacher parameters"], z.parts["gathered teacher layers"]) == (2 * (3700 // 4 + 300), 2 * 800)
+    assert "DDP gradient buckets" not in z.parts
     ckpt = plan.components(x, strategy="ddp", processes=1, checkpointing=True)
     # all but the layers, + each layer's input, + one layer recomputed (its half of the layers' share)
     assert ckpt.parts["activations"] == (600 + 30_000) - (400 + 24_000) + 2 * 500 * 3 + (400 + 24_000) // 2
@@ -193,23 +201,30 @@ def test_a_run_that_does_not_fit_is_refused_before_weights_load(tiny, tmp_path, 
     assert not (tmp_path / "r2").exists()  # refused before the output folder is made
 
 
-def test_distill_plan_prints_both_strategies(tiny, tmp_path):
+def test_distill_plan_prints_every_strategy(tiny, tmp_path):
     path = write_config(tmp_path / "c.yaml", _config(tiny, tmp_path / "r"))
     done = run_cli("plan", str(path), "--processes", "2", "--gpu-memory", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     x = plan.inputs_of(load_config(str(path)))
-    ddp, fsdp = (plan.components(x, strategy=s, processes=2) for s in ("ddp", "fsdp2"))
+    ddp, fsdp, zero = (plan.components(x, strategy=s, processes=2) for s in ("ddp", "fsdp2", "zero3"))
     lines = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
-    assert plan.size(ddp.total) in lines["total"] and plan.size(fsdp.total) in lines["total"]
-    assert lines["fits"].split()[1:] == ["yes", "yes"]
+    assert lines["per process"].split()[2:] == ["DDP", "FSDP2", "ZeRO-3"]
+    assert lines["total"].split("  ", 1)[1].split() == [w for p in (ddp, fsdp, zero) for w in plan.size(p.total).split()]
+    assert lines["fits"].split()[1:] == ["yes", "yes", "yes"]
     best = plan.largest_batch(x, 2 ** 30, strategy="ddp", processes=2, checkpointing=False)
     assert lines["largest micro-batch"].split()[2] == str(best)
     # Host memory while loading: an fp32 teacher (4 B each) and the fp32 student, by hand.
     teacher_bytes, student_bytes = 4 * x.teacher.params, 4 * x.student.params
     assert (f"loading (host memory): under DDP every process holds the teacher ({plan.size(teacher_bytes)}) and the "
             f"student ({plan.size(student_bytes)}); under FSDP2 process 0 alone reads the teacher and sends the "
-            "others their shards; every process builds the student from its config.") in done.stdout
-    assert plan.loading(x, "teacher") == plan.loading(x, "model")  # the student made on process 0 either way
+            "others their shards; every process builds the student from its config; under ZeRO-3 process 0 alone "
+            f"reads the teacher and sends the others their shards; every process holds the student "
+            f"({plan.size(student_bytes)}) until DeepSpeed partitions it.") in done.stdout
+    model, layers = plan.loading(x, "model"), plan.loading(x, "teacher")
+    fsdp_part = lambda line: line.split("; under ZeRO-3")[0]  # noqa: E731
+    assert fsdp_part(layers) == fsdp_part(model)  # FSDP2: the student made on process 0 either way
+    assert layers.endswith(f"under ZeRO-3 every process holds the teacher ({plan.size(teacher_bytes)}) and the student "
+                           f"({plan.size(student_bytes)}) until DeepSpeed partitions the student.")  # its layers need the whole teacher everywhere
     assert "under FSDP2 process 0 alone reads them and sends the others their shards" in plan.loading(x, "model")
     tight = run_cli("plan", str(path), "--gpu-memory", "0.000001")
     assert tight.returncode == 0 and "NO" in tight.stdout

@@ -1,0 +1,234 @@
+"""DeepSpeed ZeRO-3 in `distill train` (distill/zero3.py) on CPU over gloo: two processes against one,
+a kill and resume, the bytes each process holds, the launch config's checks."""
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers import deterministic_metrics, read_metrics
+from tests.test_fsdp import _common, _held_bytes, _two_layers
+from tests.test_nonfinite import BATCH, POISONED_STEP, poisoned, poisoned_sections  # noqa: F401 (a fixture)
+from tests.test_train import params, train_cli
+
+deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install -e '.[deepspeed]'")
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ZERO3_CONFIG = ROOT / "examples" / "accelerate" / "zero3.yaml"
+PORT = 29561  # this file's own (files run in parallel)
+
+
+def zero3_processes(n: int = 2, *options: str) -> list[str]:
+    """`accelerate launch` with the shipped ZeRO-3 config."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CONFIG),
+            "--num_processes", str(n), "--main_process_port", str(PORT), *options, "-m", "distill"]
+
+
+def _every_parameter_partitioned(tmp_path) -> Path:
+    # DeepSpeed keeps parameters under 1e5 elements whole by default: all of these tiny models' are.
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0},
+                                "train_micro_batch_size_per_gpu": "auto"}))
+    return path
+
+
+def _held(result) -> dict:
+    line = next(line for line in result.stdout.splitlines() if line.startswith("ZeRO-3 over"))
+    line = line.rsplit(" (", 1)[0]
+    return {part.split()[0]: (int(part.split()[1].replace(",", "")), int(part.split()[3].replace(",", "")))
+            for part in line.split(": ", 1)[1].split("; ")}
+
+
+def test_two_zero3_processes_match_one_process(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    common = _common(workspace, tmp_path)
+    common["train"] = {**common["train"], "warmup_steps": 2, "schedule": "linear"}  # our scheduler drives the engine
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", env={"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(
+        _every_parameter_partitioned(tmp_path))}, launcher=zero3_processes(2),
+        **{**common, "train": {**common["train"], "batch_size": 2, "gradient_checkpointing": True}})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    assert [m["supervised_tokens"] for m in logs[two]] == [m["supervised_tokens"] for m in logs[one]]
+    for x, y in zip(logs[two], logs[one]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-5)
+        assert x["lr"] == y["lr"]
+    assert logs[one][0]["grad_norm"] > 0.5  # the clipping was active
+    evals = {r: [m for m in read_metrics(r / "metrics.jsonl") if "eval/ce" in m][-1] for r in (one, two)}
+    assert evals[two]["eval/tokens"] == evals[one]["eval/tokens"]  # the padding batch counted nothing
+    for k in ("eval/ce", "eval/forward_kl", "eval/top1_agreement"):
+        assert evals[two][k] == pytest.approx(evals[one][k], rel=1e-5)
+    (ckpt,) = (two / "checkpoints").iterdir()
+    assert len(list((ckpt / "zero3" / "state").glob("*optim_states.pt"))) == 2  # one partition per process
+    assert AutoModelForCausalLM.from_pretrained(two / "student").num_parameters() == \
+        AutoModelForCausalLM.from_pretrained(one / "student").num_parameters()
+
+    # What process 0 holds: half of every student parameter (DeepSpeed pads each to a multiple of
+    # the process count), and of the teacher what FSDP2 would hold.
+    held = _held(result)
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher_run" / "student")
+    student = AutoModelForCausalLM.from_pretrained(one / "student")
+    assert held["student"] == (sum(-(-p.numel() // 2) * 4 for p in student.parameters()),
+                               sum(p.numel() * 4 for p in student.parameters()))
+    whole = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    assert held["teacher"] == (_held_bytes(teacher, [*teacher.model.layers, teacher.model.embed_tokens]), whole)
+
+
+def test_zero3_resumes_after_a_kill_exactly(workspace, tmp_path):
+    ds = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_every_parameter_partitioned(tmp_path))}
+    common = dict(student=_two_layers(workspace, tmp_path, attention_dropout=0.2),  # RNG state matters
+                  data={"max_eval_examples": 9}, loss={"chunk_size": 16, "ce_weight": 0.3},
+                  train={"max_steps": 7, "save_every": 3, "log_every": 1, "eval_every": 4, "batch_size": 4,
+                         "eval_batch_size": 4})  # AdamW with a cosine schedule: optimizer and scheduler state
+    result, straight = train_cli(tmp_path, workspace, "straight", env=ds, launcher=zero3_processes(), **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=zero3_processes(),
+                                env={**ds, "DISTILL_TEST_KILL_AT": "step:5"}, **common)
+    assert result.returncode != 0
+    assert [p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
+    result, resumed = train_cli(tmp_path, workspace, "resumed", env=ds, launcher=zero3_processes(), **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout + result.stderr
+    a, b = params(resumed), params(straight)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert deterministic_metrics(resumed) == deterministic_metrics(straight)
+
+
+def test_a_tied_student_skips_a_nonfinite_step_under_zero3_as_one_process_does(workspace, poisoned, tmp_path):
+    """The tied LM head (an external parameter of the root, and the input embeddings) trains as one
+    process trains it, and a step whose teacher targets are non-finite (train.nonfinite=skip) is
+    dropped as one process drops it: no parameter, AdamW moment or schedule step of it survives."""
+    sections = poisoned_sections(poisoned, workspace, nonfinite="skip", max_steps=4, save_every=0,
+                                 warmup_steps=1, max_grad_norm=1.0)
+    sections["student"] = _two_layers(workspace, tmp_path, tie_word_embeddings=True)
+    result, one = train_cli(tmp_path, workspace, "one", **sections)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections["train"] = {**sections["train"], "batch_size": BATCH // 2}
+    result, two = train_cli(tmp_path, workspace, "two", env={"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(
+        _every_parameter_partitioned(tmp_path))}, launcher=zero3_processes(2), **sections)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped step {POISONED_STEP}: non-finite teacher targets" in result.stdout + result.stderr
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    assert [m["skipped_steps"] for m in logs[two]] == [m["skipped_steps"] for m in logs[one]] == [0, 0, 1, 1]
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys() and "lm_head.weight" not in a  # tied: saved once, as transformers saves it
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_launch_config_is_checked_against_train(tmp_path, monkeypatch):
+    from distill import zero3
+    from distill.errors import UserError
+
+    t = SimpleNamespace(batch_size=4, grad_accum_steps=2, max_grad_norm=1.0)  # what ds_config reads of train.*
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    cfg = zero3.ds_config(t, 2)
+    assert (cfg["zero_optimization"], cfg["train_batch_size"], cfg["gradient_accumulation_steps"],
+            cfg["gradient_clipping"]) == ({"stage": 3}, 16, 2, 1.0)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    assert zero3.ds_config(t, 2)["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+
+    def refused(env: dict, file=None) -> str:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        if file is not None:
+            (tmp_path / "ds.json").write_text(json.dumps(file))
+            monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+        try:
+            with pytest.raises(UserError) as e:
+                zero3.ds_config(t, 2)
+        finally:
+            for k in [*env, "ACCELERATE_DEEPSPEED_CONFIG_FILE"]:
+                monkeypatch.delenv(k, raising=False)
+        return str(e.value)
+
+    assert "ZeRO stage 2" in refused({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert "train.grad_accum_steps=2" in refused({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    assert "train.max_grad_norm=1.0" in refused({"ACCELERATE_GRADIENT_CLIPPING": "0.5"})
+    assert "\"bf16\" section" in refused({}, {"bf16": {"enabled": True}})
+    assert "\"optimizer\" section" in refused({}, {"optimizer": {"type": "AdamW"}})
+    assert "train_batch_size=32" in refused({}, {"train_batch_size": 32})
+    assert "ZeRO stage 1" in refused({}, {"zero_optimization": {"stage": 1}})
+    (tmp_path / "bad.json").write_text("{")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "bad.json"))
+    with pytest.raises(UserError, match="is not valid JSON"):
+        zero3.ds_config(t, 2)
+    # what agrees is kept: "auto", equal values, ZeRO settings of the file
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": 16, "gradient_clipping": "auto",
+                                                  "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
+    assert zero3.ds_config(t, 2)["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+
+
+def test_zero3_refuses_what_it_cannot_run_before_writing_anything(workspace, tmp_path):
+    common = dict(student=_two_layers(workspace, tmp_path), train={"max_steps": 2, "batch_size": 4})
+    result, _ = train_cli(tmp_path, workspace, "stage2", env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                                              "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, **common)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "distill runs DeepSpeed at stage 3 only" in result.stderr and not (tmp_path / "stage2").exists()
+    result, _ = train_cli(tmp_path, workspace, "sampling", generation={"lmbda": 0.5, "max_new_tokens": 4},
+                          **{**common, "train": {**common["train"], "sharding": "zero3"}})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.sharding=zero3 does not support sampling in the loop" in result.stderr
+    assert not (tmp_path / "sampling").exists()
+
+
+def test_the_shipped_zero3_config_launches_zero3(monkeypatch):
+    """examples/accelerate/zero3.yaml, through accelerate's own launch-argument handling, sets the
+    environment from which distill picks ZeRO-3 and builds DeepSpeed's config."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    from distill import sharding, zero3
+
+    args = launch_command_parser().parse_args(["--config_file", str(ZERO3_CONFIG), "--num_processes", "2",
+                                               "-m", "distill", "train", "x.yaml"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed and not args.cpu  # launch_command then takes deepspeed_launcher, which does this:
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(key, value)
+    assert sharding.mode("auto") == "zero3" and sharding.mode("fsdp2") == "fsdp2"
+    cfg = zero3.ds_config(SimpleNamespace(batch_size=2, grad_accum_steps=1, max_grad_norm=1.0), 2)
+    assert cfg["zero_optimization"] == {"stage": 3} and cfg["train_batch_size"] == 4
+
+
+def test_one_zero3_process_without_a_launcher_trains_like_ddp(workspace, tmp_path):
+    """ACCELERATE_USE_DEEPSPEED (what a DEEPSPEED launch config sets) picks ZeRO-3 under train.sharding=auto;
+    one process without a launcher gets a process group of its own."""
+    common = dict(student=_two_layers(workspace, tmp_path), loss={"ce_weight": 0.5, "chunk_size": 16},
+                  train={"max_steps": 3, "batch_size": 4, "max_grad_norm": 0.5, "log_every": 1})
+    result, ddp = train_cli(tmp_path, workspace, "ddp", **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, zero = train_cli(tmp_path, workspace, "zero", env={"ACCELERATE_USE_DEEPSPEED": "true"}, **common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeRO-3 over 1 processes" in result.stdout
+    assert "FutureWarning" not in result.stderr and "untested optimizer" not in result.stdout + result.stderr
+    a, b = params(zero), params(ddp)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")  # AdamW
+    # A checkpoint keeps its layout: a ZeRO-3 run's cannot resume under DDP.
+    result, _ = train_cli(tmp_path, workspace, "zero", **{**common, "train": {**common["train"], "max_steps": 4}})
+    assert result.returncode == 2 and "was saved by a zero3 run and this one is ddp" in result.stderr
+    assert "Traceback" not in result.stderr
