@@ -28,10 +28,12 @@ weight copies). The teacher's decoder layers and untied input embeddings are div
 of processes, its head and final norm are whole, and one unit at a time is gathered.
 
 ZeRO-3 (distill/zero3.py) divides the student's parameters, gradients and optimizer state alike
-(its fp32 master partitions are the parameters' own, as distill runs it), gathers fp32 parameters
-(the root's and two layers'), and keeps DDP's activations (fp32 parameters under autocast); its
-teacher is FSDP2's. DeepSpeed's buckets and prefetching (``stage3_*`` settings) are not modelled:
-BENCHMARKS.md "Memory plan" says how far that puts the estimate from measured peaks.
+(its fp32 master partitions are the parameters' own, as distill runs it), keeps DDP's activations
+(fp32 parameters under autocast) and FSDP2's teacher, and adds DeepSpeed's own buffers, measured
+to dominate small runs: its gradient reduce bucket (``reduce_bucket_size`` fp32 elements, 5e8 =
+1.86 GiB by default, allocated whole) and the gathered fp32 parameters it keeps live for reuse
+(up to ``stage3_max_live_parameters``, 1e9 by default: the whole student, when it is smaller).
+Both are read from the launch's ``deepspeed_config_file`` when it sets them.
 
 Not counted: the KV cache of sampling in the loop (``generation``), the cross-tokenizer alignment's
 buffers, QAT's fake-quantized weight copies, and the feature terms' projections and captured
@@ -51,6 +53,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distill import zero3
 from distill.config import Config
 from distill.errors import UserError
 
@@ -61,8 +64,8 @@ TEACHER_WIDEST = 3  # the teacher's widest intermediates alive at once in its fo
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-ORDER = ("student parameters", "gradients", "optimizer state", "DDP gradient buckets", "gathered student layers",
-         "teacher parameters", "gathered teacher layers", "activations", "loss buffers", "teacher forward")
+ORDER = ("student parameters", "gradients", "optimizer state", "DDP gradient buckets", "DeepSpeed reduce bucket",
+         "gathered student layers", "teacher parameters", "gathered teacher layers", "activations", "loss buffers", "teacher forward")
 
 
 class MemoryPlanError(UserError):
@@ -148,6 +151,8 @@ class Inputs:
     # The student's under FSDP2's mixed precision (parameters, and so the residual stream, in the
     # compute dtype); None: the same as ``activations``.
     sharded_activations: Optional[Activations] = None
+    # ZeRO-3: DeepSpeed's reduce_bucket_size and stage3_max_live_parameters (elements; distill/zero3.py)
+    zero3_buckets: tuple[int, int] = (500_000_000, 1_000_000_000)
 
 
 def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int] = None,
@@ -171,7 +176,11 @@ def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int]
         parts["gathered student layers"] = x.compute_bytes * (root + 2 * s.layer_params) + 4 * s.layer_params
     elif strategy == "zero3":  # fp32 partitions (DeepSpeed's masters are the same tensors), fp32 gathers
         root = s.params - s.layers * s.layer_params
-        parts["gathered student layers"] = 4 * (root + 2 * s.layer_params)
+        bucket, live = x.zero3_buckets
+        # Gathered parameters stay live (for their reuse in backward) up to stage3_max_live_parameters:
+        # the whole student under DeepSpeed's default (1e9) unless it is larger.
+        parts["gathered student layers"] = 4 * min(s.params, max(live, root + 2 * s.layer_params))
+        parts["DeepSpeed reduce bucket"] = 4 * bucket  # allocated whole at start, whatever the model
     if t is None:
         parts["teacher parameters"] = 0
     elif strategy in ("fsdp2", "zero3"):  # zero3's teacher is sharded as under FSDP2  # the layers and untied input embeddings sharded, the head and norm whole
@@ -357,7 +366,8 @@ def inputs_of(config: Config, tokenizer=None) -> Inputs:
     return Inputs(student=shape, teacher=teacher_shape, activations=acts, sharded_activations=sharded, batch=t.batch_size,
                   length=config.data.max_length, optimizer=t.optimizer,
                   teacher_bytes=BYTES[teacher_dtype(config)], compute_bytes=BYTES.get(compute, 4),
-                  chunk_size=L.chunk_size, vocab=len(tokenizer), accumulation=t.grad_accum_steps)
+                  chunk_size=L.chunk_size, vocab=len(tokenizer), accumulation=t.grad_accum_steps,
+                  zero3_buckets=zero3.memory_settings())
 
 
 def device_memory(processes_here: int = 1) -> tuple[int, str]:

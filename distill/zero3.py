@@ -160,6 +160,24 @@ def ds_config(t, world: int) -> dict:
             "steps_per_print": cfg.get("steps_per_print", 2 ** 31 - 1), "wall_clock_breakdown": False}
 
 
+REDUCE_BUCKET, MAX_LIVE = 500_000_000, 1_000_000_000  # DeepSpeed's defaults (elements)
+
+
+def memory_settings() -> tuple[int, int]:
+    """(reduce_bucket_size, stage3_max_live_parameters) of this launch, in elements: what the memory
+    plan counts of DeepSpeed (its gradient bucket is allocated whole, fp32; gathered parameters stay
+    live up to the second), from the launch's deepspeed_config_file, else DeepSpeed's defaults."""
+    file = _env("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    zero: dict = {}
+    if file is not None:
+        try:
+            zero = json.loads(Path(file).read_text()).get("zero_optimization") or {}
+        except (OSError, ValueError, AttributeError):  # ds_config says what is wrong with it, when the run starts
+            zero = {}
+    return (int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET))),
+            int(float(zero.get("stage3_max_live_parameters", MAX_LIVE))))
+
+
 def initialize(backbone: nn.Module, optimizer, config: dict, device: torch.device):
     """The ZeRO-3 engine over ``backbone`` (a ``Backbone``), its parameters partitioned in place. The
     LM head's weight is registered as an external parameter of the root, so the objective, computed

@@ -123,7 +123,12 @@ def test_components_by_hand():
     # ZeRO-3: the student divided as under FSDP2, fp32 gathers of the root and two layers, DDP's activations
     # (fp32 parameters under autocast), FSDP2's teacher.
     assert (z.parts["student parameters"], z.parts["gradients"], z.parts["optimizer state"]) == (1000, 1000, 2000)
-    assert z.parts["gathered student layers"] == 4 * (400 + 2 * 300)
+    assert z.parts["gathered student layers"] == 4 * 1000  # DeepSpeed's default 1e9 live elements: all of it
+    assert z.parts["DeepSpeed reduce bucket"] == 4 * 500_000_000  # its default bucket, fp32, whatever the model
+    three = dataclasses.replace(x.student, layers=3, layer_params=200)  # root 400, + 2 layers: 800 of 1000
+    for live, gathered in ((100, 800), (900, 900), (10 ** 9, 1000)):
+        y = plan.components(_inputs(student=three, zero3_buckets=(64, live)), strategy="zero3", processes=4)
+        assert (y.parts["gathered student layers"], y.parts["DeepSpeed reduce bucket"]) == (4 * gathered, 4 * 64)
     assert z.parts["activations"] == one.parts["activations"]
     assert (z.parts["teacher parameters"], z.parts["gathered teacher layers"]) == (2 * (3700 // 4 + 300), 2 * 800)
     assert "DDP gradient buckets" not in z.parts
@@ -210,7 +215,8 @@ def test_distill_plan_prints_every_strategy(tiny, tmp_path):
     lines = {line.split("  ")[0]: line for line in done.stdout.splitlines()}
     assert lines["per process"].split()[2:] == ["DDP", "FSDP2", "ZeRO-3"]
     assert lines["total"].split("  ", 1)[1].split() == [w for p in (ddp, fsdp, zero) for w in plan.size(p.total).split()]
-    assert lines["fits"].split()[1:] == ["yes", "yes", "yes"]
+    # ZeRO-3's default reduce bucket alone (1.86 GiB, allocated whole) is over the 1 GiB given
+    assert lines["fits"].split()[1:] == ["yes", "yes", "NO"] and zero.parts["DeepSpeed reduce bucket"] > 2 ** 30
     best = plan.largest_batch(x, 2 ** 30, strategy="ddp", processes=2, checkpointing=False)
     assert lines["largest micro-batch"].split()[2] == str(best)
     # Host memory while loading: an fp32 teacher (4 B each) and the fp32 student, by hand.

@@ -174,6 +174,9 @@ def test_the_launch_config_is_checked_against_train(tmp_path, monkeypatch):
                                                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "ds.json"))
     assert zero3.ds_config(t, 2)["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    assert zero3.memory_settings() == (1000, 10 ** 9)  # what the memory plan counts: the file's, else DeepSpeed's
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    assert zero3.memory_settings() == (5 * 10 ** 8, 10 ** 9)
 
 
 def test_zero3_refuses_what_it_cannot_run_before_writing_anything(workspace, tmp_path):
