@@ -659,7 +659,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     # DeepSpeed ZeRO-3, the teacher sharded as under fsdp2 (distill/zero3.py).
     strategy = sharding.mode(t.sharding)
     sharded, zeroed = strategy == "fsdp2", strategy == "zero3"
-    if (sharded or zeroed) and (why := sharding.unsupported(config) or (zeroed and zero3.unsupported(config))):
+    if (sharded or zeroed) and (why := sharding.unsupported(config)):
         raise UserError(f"train.sharding={strategy} does not support {why} yet: use train.sharding=ddp")
     # Under ZeRO-3 Accelerate starts the processes as for DDP; distill builds DeepSpeed's engine itself.
     with zero3.hidden_from_accelerate() if zeroed else contextlib.nullcontext():
@@ -842,11 +842,16 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
     def generate_with(source: str):
         policy = _unwrap(model).model if source == "student" else teacher
         # Under FSDP2 the student samples with its units gathered once, and every process decodes
-        # until all processes' rows have ended (each sharded forward is a collective).
-        done = (lambda d: sharding.everyone_done(d, accelerator.device)) if sharded else None
+        # until all processes' rows have ended (each sharded forward is a collective). Under ZeRO-3
+        # the gathered student's forwards are local; the teacher is sharded as under FSDP2.
+        collective = sharded or (zeroed and source == "teacher")
+        done = (lambda d: sharding.everyone_done(d, accelerator.device)) if collective else None
 
         def run(prompts, seeds):
-            gather = sharding.gathered(model, fsdp) if sharded and source == "student" else contextlib.nullcontext()
+            if source == "student" and (sharded or zeroed):
+                gather = sharding.gathered(model, fsdp) if sharded else zero3.gathered(model)
+            else:
+                gather = contextlib.nullcontext()
             with gather:  # a non-finite row is sampled uniformly; train.nonfinite then decides
                 return sample(policy, prompts, settings=sampling, seeds=seeds, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, batch_size=g.batch_size,

@@ -34,8 +34,12 @@ head that distill's chunked loss reads outside the model's forward).
 The DeepSpeed config is made from ``train.*`` (micro-batch, accumulation, clipping) and the launch's
 ``zero_stage`` / offload keys; a ``deepspeed_config_file`` may add ZeRO settings
 (``zero_optimization``) but not what ``train.*`` decides (precision, optimizer, schedule; batch
-sizes and clipping only as "auto" or equal). Not under ZeRO-3 yet (refused): sampling in the loop
-(``generation.lmbda`` / ``seq_kd``), the cross-tokenizer teacher, QAT, fp16, loss.features.
+sizes and clipping only as "auto" or equal).
+
+Sampling in the loop (``generation.lmbda`` / ``seq_kd``): the student samples with every parameter
+gathered once per sampling call and ZeRO-3's hooks off (``gathered``), so its decoding is local; the
+teacher samples as under FSDP2, every process decoding until all have ended. Not under ZeRO-3 yet
+(refused, as under FSDP2): the cross-tokenizer teacher, QAT, fp16, loss.features.
 """
 
 from __future__ import annotations
@@ -57,14 +61,6 @@ LAUNCH = "ACCELERATE_USE_DEEPSPEED"  # set by `accelerate launch` with a DEEPSPE
 
 def launched() -> bool:
     return os.environ.get(LAUNCH, "false").strip().lower() == "true"
-
-
-def unsupported(config) -> Optional[str]:
-    """Why this run cannot train under ZeRO-3 (yet), or None."""
-    g = config.generation
-    if g.lmbda > 0 or g.seq_kd:
-        return "sampling in the loop (generation.lmbda > 0 or generation.seq_kd)"
-    return None
 
 
 @contextlib.contextmanager
@@ -193,6 +189,16 @@ def initialize(backbone: nn.Module, optimizer, config: dict, device: torch.devic
     deepspeed.zero.register_external_parameter(backbone, backbone.model.get_output_embeddings().weight)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
     return engine
+
+
+def gathered(engine):
+    """The student whole for a sampling call, once (sampling runs one forward per token: without
+    this each would gather every module again): DeepSpeed's ``unwrap_model_for_generation``, which
+    gathers every parameter and takes ZeRO-3's hooks off the modules for the block, so its forwards
+    are local (no collectives), then puts them back and partitions again."""
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
 
 
 def local_bytes(module: nn.Module) -> tuple[int, int]:

@@ -185,11 +185,41 @@ def test_zero3_refuses_what_it_cannot_run_before_writing_anything(workspace, tmp
                                                               "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, **common)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "distill runs DeepSpeed at stage 3 only" in result.stderr and not (tmp_path / "stage2").exists()
-    result, _ = train_cli(tmp_path, workspace, "sampling", generation={"lmbda": 0.5, "max_new_tokens": 4},
-                          **{**common, "train": {**common["train"], "sharding": "zero3"}})
+    result, _ = train_cli(tmp_path, workspace, "qat", **{**common, "train": {**common["train"], "sharding": "zero3",
+                                                                           "qat": {"bits": 4, "group_size": 16}}})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train.sharding=zero3 does not support sampling in the loop" in result.stderr
-    assert not (tmp_path / "sampling").exists()
+    assert "train.sharding=zero3 does not support train.qat" in result.stderr and not (tmp_path / "qat").exists()
+
+
+def test_zero3_samples_in_the_loop_as_one_process_does(workspace, tmp_path):
+    """On-policy steps (the student samples, gathered once with ZeRO-3's hooks off) and sequence-level
+    steps (the teacher, sharded as under FSDP2, samples): the completions, losses and weights of two
+    ZeRO-3 processes are one process's, and training goes on with the hooks back on."""
+    common = dict(student=_two_layers(workspace, tmp_path),
+                  data={"train": str(workspace / "pc_train.jsonl"), "eval": None, "format": "prompt_completion",
+                        "max_length": 48},
+                  loss={"divergence": "reverse_kl", "ce_weight": 0.5},
+                  generation={"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 8, "log_samples": 1000},
+                  train={"max_steps": 4, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
+                         "log_every": 1})
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", env={"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(
+        _every_parameter_partitioned(tmp_path))}, launcher=zero3_processes(),
+        **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = params(two), params(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    for x, y in zip(logs[one], logs[two]):
+        assert (x["supervised_tokens"], x["generated_tokens"]) == (y["supervised_tokens"], y["generated_tokens"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert sum(m["steps_student"] for m in logs[two]) and sum(m["steps_teacher"] for m in logs[two])
+    rows = {r: [json.loads(line) for line in (r / "samples.jsonl").read_text().splitlines()] for r in (one, two)}
+    by_key = {(r["step"], r["example"]): r["completion_ids"] for r in rows[one]}
+    assert len(rows[two]) == len(rows[one]) // 2  # process 0 logs its own rows
+    assert all(by_key[(r["step"], r["example"])] == r["completion_ids"] for r in rows[two])
 
 
 def test_the_shipped_zero3_config_launches_zero3(monkeypatch):
