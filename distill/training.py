@@ -825,6 +825,7 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         optimizer = zero3.Steps(model)
         shards = lambda folder: zero3.save(model, folder / "zero3")  # noqa: E731
         accelerator.print(sharded_sizes("ZeRO-3", zero3.local_bytes(model.module), teacher, world, checkpointing))
+        accelerator.print(zero3.describe(ds_config))
     else:
         optimizer, scheduler = build_optimizer(backbone.parameters(), t, max_steps)  # the student and its projections
         model, optimizer = accelerator.prepare(backbone, optimizer)

@@ -174,6 +174,16 @@ def memory_settings() -> tuple[int, int]:
             int(float(zero.get("stage3_max_live_parameters", MAX_LIVE))))
 
 
+def describe(config: dict) -> str:
+    """One line: the DeepSpeed settings this run trains with (offload, buckets), as distill made them."""
+    zero = config["zero_optimization"]
+    bucket, live = memory_settings()
+    where = {k: (zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param")}
+    return (f"DeepSpeed ZeRO-3: offload optimizer {where['optimizer']}, offload parameters {where['param']}, "
+            f"reduce_bucket_size {bucket:.3g}, stage3_max_live_parameters {live:.3g}, "
+            f"stage3_param_persistence_threshold {float(zero.get('stage3_param_persistence_threshold', 1e5)):.3g}")
+
+
 def initialize(backbone: nn.Module, optimizer, config: dict, device: torch.device):
     """The ZeRO-3 engine over ``backbone`` (a ``Backbone``), its parameters partitioned in place. The
     LM head's weight is registered as an external parameter of the root, so the objective, computed

@@ -265,3 +265,28 @@ def test_one_zero3_process_without_a_launcher_trains_like_ddp(workspace, tmp_pat
     result, _ = train_cli(tmp_path, workspace, "zero", **{**common, "train": {**common["train"], "max_steps": 4}})
     assert result.returncode == 2 and "was saved by a zero3 run and this one is ddp" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_zero3_offloaded_with_a_student_from_teacher_layers(workspace, tmp_path):
+    """offload_optimizer_device and offload_param_device: cpu (DeepSpeed's offload code paths: fp32
+    masters, gradients and AdamW state in CPU buffers, its own norm; on this CPU-only machine the
+    memory is the same, the code is not) and a student made from the teacher's layers (every process
+    reads the teacher, DeepSpeed partitions the student it makes): two ZeRO-3 processes == one."""
+    common = dict(student={"config": None, "init_from_teacher_layers": [0, 1]}, loss={"ce_weight": 0.5, "chunk_size": 16},
+                  train={"max_steps": 3, "max_grad_norm": 0.5, "log_every": 1, "warmup_steps": 1})
+    result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    result, two = train_cli(tmp_path, workspace, "two", env={
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_every_parameter_partitioned(tmp_path))},
+        launcher=zero3_processes(2, "--offload_optimizer_device", "cpu", "--offload_param_device", "cpu"),
+        **{**common, "train": {**common["train"], "batch_size": 4}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("DeepSpeed ZeRO-3: offload optimizer cpu, offload parameters cpu, reduce_bucket_size 5e+08, "
+            "stage3_max_live_parameters 1e+09, stage3_param_persistence_threshold 0") in result.stdout
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    for x, y in zip(logs[two], logs[one]):
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5) and x["lr"] == y["lr"]
