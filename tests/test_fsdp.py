@@ -5,6 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -21,10 +22,15 @@ FSDP2_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 PORT = 29541  # this file's own (files run in parallel)
 
 
+def accelerate_processes(config: Path, port: int, n: int, *options: str) -> list[str]:
+    """`accelerate launch --config_file CONFIG` of n processes running `python -m distill`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--num_processes", str(n), "--main_process_port", str(port), *options, "-m", "distill"]
+
+
 def fsdp2_processes(n: int = 2, *options: str) -> list[str]:
     """`accelerate launch` with the shipped FSDP2 config: distill shards when launched this way."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
-            "--num_processes", str(n), "--main_process_port", str(PORT), *options, "-m", "distill"]
+    return accelerate_processes(FSDP2_CONFIG, PORT, n, *options)
 
 
 def _two_layers(ws, tmp_path, **extra):
@@ -55,6 +61,57 @@ def _held_bytes(model, sharded) -> int:
     return total
 
 
+def assert_same_training(two, one, lr: bool = False) -> None:
+    """Two sharded processes' run ``two`` against one process's ``one``: parameters (2e-6), the
+    supervised-token counts, losses and gradient norms of every logged step (and learning rates),
+    the last eval's numbers (a padding batch counts nothing)."""
+    a, b = params(two), params(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    assert [m["supervised_tokens"] for m in logs[two]] == [m["supervised_tokens"] for m in logs[one]]
+    for x, y in zip(logs[two], logs[one]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                   rel=1e-5)
+        assert not lr or x["lr"] == y["lr"]
+    assert logs[one][0]["grad_norm"] > 0.5  # the clipping was active
+    evals = {r: [m for m in read_metrics(r / "metrics.jsonl") if "eval/ce" in m][-1] for r in (one, two)}
+    assert evals[two]["eval/tokens"] == evals[one]["eval/tokens"]  # the padding batch counted nothing
+    for k in ("eval/ce", "eval/forward_kl", "eval/top1_agreement"):
+        assert evals[two][k] == pytest.approx(evals[one][k], rel=1e-5)
+
+
+def sampling_sections(ws, tmp_path) -> dict:
+    """On-policy (λ 0.5) and sequence-level steps, with every sample logged."""
+    return dict(student=_two_layers(ws, tmp_path),
+                data={"train": str(ws / "pc_train.jsonl"), "eval": None, "format": "prompt_completion",
+                      "max_length": 48},
+                loss={"divergence": "reverse_kl", "ce_weight": 0.5},
+                generation={"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 8, "log_samples": 1000},
+                train={"max_steps": 4, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
+                       "log_every": 1})
+
+
+def assert_same_sampling(two, one) -> None:
+    """Sampled steps of two processes against one: parameters, losses, token counts, and every
+    completion process 0 logged (its own rows) equal to one process's."""
+    a, b = params(two), params(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
+    for x, y in zip(logs[one], logs[two]):
+        assert (x["supervised_tokens"], x["generated_tokens"]) == (y["supervised_tokens"], y["generated_tokens"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert sum(m["steps_student"] for m in logs[two]) and sum(m["steps_teacher"] for m in logs[two])
+    rows = {r: [json.loads(line) for line in (r / "samples.jsonl").read_text().splitlines()] for r in (one, two)}
+    by_key = {(r["step"], r["example"]): r["completion_ids"] for r in rows[one]}
+    assert len(rows[two]) == len(rows[one]) // 2  # process 0 logs its own rows
+    assert all(by_key[(r["step"], r["example"])] == r["completion_ids"] for r in rows[two])
+    lengths = {len(r["completion_ids"]) + r["ended"] for r in rows[one]}
+    assert len(lengths) > 1  # rows ended at different tokens
+
+
 def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -67,21 +124,7 @@ def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
                             launcher=fsdp2_processes(2, "--fsdp_activation_checkpointing", "true"),
                             **{**common, "train": {**common["train"], "batch_size": 2}})
     assert result.returncode == 0, result.stderr[-3000:]
-
-    a, b = params(two), params(one)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
-    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
-    assert [m["supervised_tokens"] for m in logs[two]] == [m["supervised_tokens"] for m in logs[one]]
-    for x, y in zip(logs[two], logs[one]):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
-                                                                                                   rel=1e-5)
-    assert logs[one][0]["grad_norm"] > 0.5  # the clipping was active
-    evals = {r: [m for m in read_metrics(r / "metrics.jsonl") if "eval/ce" in m][-1] for r in (one, two)}
-    assert evals[two]["eval/tokens"] == evals[one]["eval/tokens"]  # the padding batch counted nothing
-    for k in ("eval/ce", "eval/forward_kl", "eval/top1_agreement"):
-        assert evals[two][k] == pytest.approx(evals[one][k], rel=1e-5)
+    assert_same_training(two, one)
     # Checkpoints are sharded state dicts; the student is a whole HF model.
     (ckpt,) = (two / "checkpoints").iterdir()
     assert (ckpt / "sharded" / ".metadata").is_file() and len(list((ckpt / "sharded").glob("*.distcp"))) == 2
@@ -104,18 +147,21 @@ def test_two_fsdp2_processes_match_one_process(workspace, tmp_path):
     assert held["teacher"][0] <= whole - layers // 2  # the layers' memory halves
 
 
-def test_fsdp2_resumes_after_a_kill_exactly(workspace, tmp_path):
-    common = dict(student=_two_layers(workspace, tmp_path, attention_dropout=0.2),  # RNG state matters
+def assert_resumes_after_a_kill_exactly(ws, tmp_path, launcher: list, env: Optional[dict] = None) -> None:
+    """A run SIGKILLed after step 5 (checkpoint at step 3) and run again resumes to the parameters and
+    metrics of an uninterrupted run, to the bit."""
+    env = env or {}
+    common = dict(student=_two_layers(ws, tmp_path, attention_dropout=0.2),  # RNG state matters
                   data={"max_eval_examples": 9}, loss={"chunk_size": 16, "ce_weight": 0.3},
                   train={"max_steps": 7, "save_every": 3, "log_every": 1, "eval_every": 4, "batch_size": 4,
                          "eval_batch_size": 4})  # AdamW with a cosine schedule: optimizer and scheduler state
-    result, straight = train_cli(tmp_path, workspace, "straight", launcher=fsdp2_processes(), **common)
+    result, straight = train_cli(tmp_path, ws, "straight", env=env, launcher=launcher, **common)
     assert result.returncode == 0, result.stderr[-3000:]
-    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=fsdp2_processes(),
-                                env={"DISTILL_TEST_KILL_AT": "step:5"}, **common)
+    result, resumed = train_cli(tmp_path, ws, "resumed", launcher=launcher,
+                                env={**env, "DISTILL_TEST_KILL_AT": "step:5"}, **common)
     assert result.returncode != 0
     assert [p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
-    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=fsdp2_processes(), **common)
+    result, resumed = train_cli(tmp_path, ws, "resumed", env=env, launcher=launcher, **common)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout + result.stderr
     a, b = params(resumed), params(straight)
@@ -124,35 +170,21 @@ def test_fsdp2_resumes_after_a_kill_exactly(workspace, tmp_path):
     assert deterministic_metrics(resumed) == deterministic_metrics(straight)
 
 
+def test_fsdp2_resumes_after_a_kill_exactly(workspace, tmp_path):
+    assert_resumes_after_a_kill_exactly(workspace, tmp_path, fsdp2_processes())
+
+
 def test_fsdp2_samples_in_the_loop_as_one_process_does(workspace, tmp_path):
     """On-policy steps (the student samples, gathered once) and sequence-level steps (the sharded
     teacher samples): every process decodes until all have ended, and nothing of that shows in
     the completions, the losses or the weights."""
-    common = dict(student=_two_layers(workspace, tmp_path),
-                  data={"train": str(workspace / "pc_train.jsonl"), "eval": None, "format": "prompt_completion",
-                        "max_length": 48},
-                  loss={"divergence": "reverse_kl", "ce_weight": 0.5},
-                  generation={"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 8, "log_samples": 1000},
-                  train={"max_steps": 4, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
-                         "log_every": 1})
+    common = sampling_sections(workspace, tmp_path)
     result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
     assert result.returncode == 0, result.stderr[-3000:]
     result, two = train_cli(tmp_path, workspace, "two", launcher=fsdp2_processes(),
                             **{**common, "train": {**common["train"], "batch_size": 4}})
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = params(two), params(one)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
-    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
-    for x, y in zip(logs[one], logs[two]):
-        assert (x["supervised_tokens"], x["generated_tokens"]) == (y["supervised_tokens"], y["generated_tokens"])
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    assert sum(m["steps_student"] for m in logs[two]) and sum(m["steps_teacher"] for m in logs[two])
-    rows = {r: [json.loads(line) for line in (r / "samples.jsonl").read_text().splitlines()] for r in (one, two)}
-    by_key = {(r["step"], r["example"]): r["completion_ids"] for r in rows[one]}
-    assert all(by_key[(r["step"], r["example"])] == r["completion_ids"] for r in rows[two])
-    lengths = {len(r["completion_ids"]) + r["ended"] for r in rows[one]}
-    assert len(lengths) > 1  # rows ended at different tokens
+    assert_same_sampling(two, one)
 
 
 def test_one_fsdp2_process_trains_like_ddp_and_refuses_what_it_cannot_shard(workspace, tmp_path):

@@ -3,15 +3,16 @@ a kill and resume, the bytes each process holds, the launch config's checks."""
 
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.helpers import deterministic_metrics, read_metrics
-from tests.test_fsdp import _common, _held_bytes, _two_layers
+from tests.helpers import read_metrics
+from tests.test_fsdp import (_common, _held_bytes, _two_layers, accelerate_processes,
+                              assert_resumes_after_a_kill_exactly, assert_same_sampling, assert_same_training,
+                              sampling_sections)
 from tests.test_nonfinite import BATCH, POISONED_STEP, poisoned, poisoned_sections  # noqa: F401 (a fixture)
 from tests.test_train import params, train_cli
 
@@ -24,8 +25,7 @@ PORT = 29561  # this file's own (files run in parallel)
 
 def zero3_processes(n: int = 2, *options: str) -> list[str]:
     """`accelerate launch` with the shipped ZeRO-3 config."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CONFIG),
-            "--num_processes", str(n), "--main_process_port", str(PORT), *options, "-m", "distill"]
+    return accelerate_processes(ZERO3_CONFIG, PORT, n, *options)
 
 
 def _every_parameter_partitioned(tmp_path) -> Path:
@@ -54,22 +54,7 @@ def test_two_zero3_processes_match_one_process(workspace, tmp_path):
         _every_parameter_partitioned(tmp_path))}, launcher=zero3_processes(2),
         **{**common, "train": {**common["train"], "batch_size": 2, "gradient_checkpointing": True}})
     assert result.returncode == 0, result.stderr[-3000:]
-
-    a, b = params(two), params(one)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
-    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
-    assert [m["supervised_tokens"] for m in logs[two]] == [m["supervised_tokens"] for m in logs[one]]
-    for x, y in zip(logs[two], logs[one]):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
-                                                                                                   rel=1e-5)
-        assert x["lr"] == y["lr"]
-    assert logs[one][0]["grad_norm"] > 0.5  # the clipping was active
-    evals = {r: [m for m in read_metrics(r / "metrics.jsonl") if "eval/ce" in m][-1] for r in (one, two)}
-    assert evals[two]["eval/tokens"] == evals[one]["eval/tokens"]  # the padding batch counted nothing
-    for k in ("eval/ce", "eval/forward_kl", "eval/top1_agreement"):
-        assert evals[two][k] == pytest.approx(evals[one][k], rel=1e-5)
+    assert_same_training(two, one, lr=True)
     (ckpt,) = (two / "checkpoints").iterdir()
     assert len(list((ckpt / "zero3" / "state").glob("*optim_states.pt"))) == 2  # one partition per process
     assert AutoModelForCausalLM.from_pretrained(two / "student").num_parameters() == \
@@ -87,24 +72,8 @@ def test_two_zero3_processes_match_one_process(workspace, tmp_path):
 
 
 def test_zero3_resumes_after_a_kill_exactly(workspace, tmp_path):
-    ds = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_every_parameter_partitioned(tmp_path))}
-    common = dict(student=_two_layers(workspace, tmp_path, attention_dropout=0.2),  # RNG state matters
-                  data={"max_eval_examples": 9}, loss={"chunk_size": 16, "ce_weight": 0.3},
-                  train={"max_steps": 7, "save_every": 3, "log_every": 1, "eval_every": 4, "batch_size": 4,
-                         "eval_batch_size": 4})  # AdamW with a cosine schedule: optimizer and scheduler state
-    result, straight = train_cli(tmp_path, workspace, "straight", env=ds, launcher=zero3_processes(), **common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result, resumed = train_cli(tmp_path, workspace, "resumed", launcher=zero3_processes(),
-                                env={**ds, "DISTILL_TEST_KILL_AT": "step:5"}, **common)
-    assert result.returncode != 0
-    assert [p.name for p in (resumed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000003"]
-    result, resumed = train_cli(tmp_path, workspace, "resumed", env=ds, launcher=zero3_processes(), **common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout + result.stderr
-    a, b = params(resumed), params(straight)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=lambda m: f"{key}: {m}")
-    assert deterministic_metrics(resumed) == deterministic_metrics(straight)
+    assert_resumes_after_a_kill_exactly(workspace, tmp_path, zero3_processes(), env={
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_every_parameter_partitioned(tmp_path))})
 
 
 def test_a_tied_student_skips_a_nonfinite_step_under_zero3_as_one_process_does(workspace, poisoned, tmp_path):
@@ -195,76 +164,14 @@ def test_zero3_samples_in_the_loop_as_one_process_does(workspace, tmp_path):
     """On-policy steps (the student samples, gathered once with ZeRO-3's hooks off) and sequence-level
     steps (the teacher, sharded as under FSDP2, samples): the completions, losses and weights of two
     ZeRO-3 processes are one process's, and training goes on with the hooks back on."""
-    common = dict(student=_two_layers(workspace, tmp_path),
-                  data={"train": str(workspace / "pc_train.jsonl"), "eval": None, "format": "prompt_completion",
-                        "max_length": 48},
-                  loss={"divergence": "reverse_kl", "ce_weight": 0.5},
-                  generation={"lmbda": 0.5, "seq_kd": True, "max_new_tokens": 8, "log_samples": 1000},
-                  train={"max_steps": 4, "optimizer": "sgd", "lr": 0.5, "max_grad_norm": 0.0, "schedule": "constant",
-                         "log_every": 1})
+    common = sampling_sections(workspace, tmp_path)
     result, one = train_cli(tmp_path, workspace, "one", **{**common, "train": {**common["train"], "batch_size": 8}})
     assert result.returncode == 0, result.stderr[-3000:]
     result, two = train_cli(tmp_path, workspace, "two", env={"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(
         _every_parameter_partitioned(tmp_path))}, launcher=zero3_processes(),
         **{**common, "train": {**common["train"], "batch_size": 4}})
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = params(two), params(one)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")
-    logs = {r: [m for m in read_metrics(r / "metrics.jsonl") if "loss" in m] for r in (one, two)}
-    for x, y in zip(logs[one], logs[two]):
-        assert (x["supervised_tokens"], x["generated_tokens"]) == (y["supervised_tokens"], y["generated_tokens"])
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    assert sum(m["steps_student"] for m in logs[two]) and sum(m["steps_teacher"] for m in logs[two])
-    rows = {r: [json.loads(line) for line in (r / "samples.jsonl").read_text().splitlines()] for r in (one, two)}
-    by_key = {(r["step"], r["example"]): r["completion_ids"] for r in rows[one]}
-    assert len(rows[two]) == len(rows[one]) // 2  # process 0 logs its own rows
-    assert all(by_key[(r["step"], r["example"])] == r["completion_ids"] for r in rows[two])
-
-
-def test_the_shipped_zero3_config_launches_zero3(monkeypatch):
-    """examples/accelerate/zero3.yaml, through accelerate's own launch-argument handling, sets the
-    environment from which distill picks ZeRO-3 and builds DeepSpeed's config."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env
-
-    from distill import sharding, zero3
-
-    args = launch_command_parser().parse_args(["--config_file", str(ZERO3_CONFIG), "--num_processes", "2",
-                                               "-m", "distill", "train", "x.yaml"])
-    args, defaults, _ = _validate_launch_command(args)
-    assert args.use_deepspeed and not args.cpu  # launch_command then takes deepspeed_launcher, which does this:
-    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-    _, env = prepare_deepspeed_cmd_env(args)
-    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        if key.startswith(("ACCELERATE_", "FSDP_")):
-            monkeypatch.setenv(key, value)
-    assert sharding.mode("auto") == "zero3" and sharding.mode("fsdp2") == "fsdp2"
-    cfg = zero3.ds_config(SimpleNamespace(batch_size=2, grad_accum_steps=1, max_grad_norm=1.0), 2)
-    assert cfg["zero_optimization"] == {"stage": 3} and cfg["train_batch_size"] == 4
-
-
-def test_one_zero3_process_without_a_launcher_trains_like_ddp(workspace, tmp_path):
-    """ACCELERATE_USE_DEEPSPEED (what a DEEPSPEED launch config sets) picks ZeRO-3 under train.sharding=auto;
-    one process without a launcher gets a process group of its own."""
-    common = dict(student=_two_layers(workspace, tmp_path), loss={"ce_weight": 0.5, "chunk_size": 16},
-                  train={"max_steps": 3, "batch_size": 4, "max_grad_norm": 0.5, "log_every": 1})
-    result, ddp = train_cli(tmp_path, workspace, "ddp", **common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result, zero = train_cli(tmp_path, workspace, "zero", env={"ACCELERATE_USE_DEEPSPEED": "true"}, **common)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ZeRO-3 over 1 processes" in result.stdout
-    assert "FutureWarning" not in result.stderr and "untested optimizer" not in result.stdout + result.stderr
-    a, b = params(zero), params(ddp)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=0, msg=lambda m: f"{key}: {m}")  # AdamW
-    # A checkpoint keeps its layout: a ZeRO-3 run's cannot resume under DDP.
-    result, _ = train_cli(tmp_path, workspace, "zero", **{**common, "train": {**common["train"], "max_steps": 4}})
-    assert result.returncode == 2 and "was saved by a zero3 run and this one is ddp" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_same_sampling(two, one)
 
 
 def test_zero3_offloaded_with_a_student_from_teacher_layers(workspace, tmp_path):
