@@ -33,7 +33,8 @@ ZeRO-3 (distill/zero3.py) divides the student's parameters, gradients and optimi
 to dominate small runs: its gradient reduce bucket (``reduce_bucket_size`` fp32 elements, 5e8 =
 1.86 GiB by default, allocated whole) and the gathered fp32 parameters it keeps live for reuse
 (up to ``stage3_max_live_parameters``, 1e9 by default: the whole student, when it is smaller).
-Both are read from the launch's ``deepspeed_config_file`` when it sets them.
+Both are read from the launch's ``deepspeed_config_file`` when it sets them. Its gradient
+partitions are one flat buffer allocated at start, so they count whole beside the activations.
 
 Not counted: the KV cache of sampling in the loop (``generation``), the cross-tokenizer alignment's
 buffers, QAT's fake-quantized weight copies, and the feature terms' projections and captured
@@ -115,7 +116,8 @@ class Plan:
     """Per-process bytes by component, for one strategy, at one micro-batch. ``total``: the persistent
     components plus, with one micro-batch per step (whose gradients are set to None after each
     step), the larger of the gradients and the forward's transients, which are not alive at once
-    (backward frees activations as it writes gradients); with accumulation, all of them."""
+    (backward frees activations as it writes gradients); with accumulation, all of them; under
+    ZeRO-3 all of them too (its gradient partitions are one buffer, allocated at start)."""
 
     strategy: str  # "ddp", "fsdp2" or "zero3"
     processes: int
@@ -126,7 +128,8 @@ class Plan:
 
     @property
     def total(self) -> int:
-        if self.accumulation > 1:
+        # ZeRO-3's gradient partitions live in one flat buffer DeepSpeed allocates at start and keeps.
+        if self.accumulation > 1 or self.strategy == "zero3":
             return sum(self.parts.values())
         transient = sum(self.parts.get(k, 0) for k in TRANSIENT)
         persistent = sum(v for k, v in self.parts.items() if k not in TRANSIENT and k != "gradients")

@@ -132,6 +132,7 @@ def test_components_by_hand():
     assert z.parts["activations"] == one.parts["activations"]
     assert (z.parts["teacher parameters"], z.parts["gathered teacher layers"]) == (2 * (3700 // 4 + 300), 2 * 800)
     assert "DDP gradient buckets" not in z.parts
+    assert z.total == sum(z.parts.values())  # DeepSpeed's flat gradient buffer lives beside the activations
     ckpt = plan.components(x, strategy="ddp", processes=1, checkpointing=True)
     # all but the layers, + each layer's input, + one layer recomputed (its half of the layers' share)
     assert ckpt.parts["activations"] == (600 + 30_000) - (400 + 24_000) + 2 * 500 * 3 + (400 + 24_000) // 2
