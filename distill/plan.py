@@ -66,7 +66,8 @@ BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 ORDER = ("student parameters", "gradients", "optimizer state", "DDP gradient buckets", "DeepSpeed reduce bucket",
-         "gathered student layers", "teacher parameters", "gathered teacher layers", "activations", "loss buffers", "teacher forward")
+         "gathered student layers", "teacher parameters", "gathered teacher layers", "activations", "loss buffers",
+         "teacher forward")
 
 
 class MemoryPlanError(UserError):
@@ -155,7 +156,7 @@ class Inputs:
     # compute dtype); None: the same as ``activations``.
     sharded_activations: Optional[Activations] = None
     # ZeRO-3: DeepSpeed's reduce_bucket_size and stage3_max_live_parameters (elements; distill/zero3.py)
-    zero3_buckets: tuple[int, int] = (500_000_000, 1_000_000_000)
+    zero3_buckets: tuple[int, int] = (zero3.REDUCE_BUCKET, zero3.MAX_LIVE)
 
 
 def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int] = None,
@@ -186,7 +187,8 @@ def components(x: Inputs, *, strategy: str, processes: int, batch: Optional[int]
         parts["DeepSpeed reduce bucket"] = 4 * bucket  # allocated whole at start, whatever the model
     if t is None:
         parts["teacher parameters"] = 0
-    elif strategy in ("fsdp2", "zero3"):  # zero3's teacher is sharded as under FSDP2  # the layers and untied input embeddings sharded, the head and norm whole
+    elif strategy in ("fsdp2", "zero3"):  # (zero3's teacher is FSDP2's) the layers and untied input embeddings
+        # sharded, the head and norm whole
         sharded = t.layers * t.layer_params + t.embedding
         parts["teacher parameters"] = x.teacher_bytes * (sharded // n + t.params - sharded)
         parts["gathered teacher layers"] = x.teacher_bytes * max(t.layer_params, t.embedding)  # one unit at a time
@@ -484,8 +486,8 @@ def plan_main(config: Config, processes: int, gpu_memory: Optional[float]) -> st
             "buffers and teacher forward (with grad_accum_steps 1 they are not alive at once; with accumulation, "
             "all of it).\nEstimates of tensor bytes: the allocator, CUDA context and Python come on top (on CPU "
             "the resident peak ran 1.3-1.7x the tensor peak, 2.7x in one run, BENCHMARKS.md).\ndistill train runs "
-            "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, ZeRO-3 under train.sharding=zero3 or "
-            "a DEEPSPEED one, DDP otherwise.")
+            "FSDP2 under train.sharding=fsdp2 or an Accelerate FSDP launch config, ZeRO-3 under "
+            "train.sharding=zero3 or a DEEPSPEED one, DDP otherwise.")
     s = config.student
     load = loading(x, "model" if s.model else "teacher" if s.init_from_teacher_layers else "config")
     return "\n".join(head + ["", table(x, processes, budget, t.gradient_checkpointing), "", load, foot])

@@ -170,6 +170,10 @@ def memory_settings() -> tuple[int, int]:
             zero = json.loads(Path(file).read_text()).get("zero_optimization") or {}
         except (OSError, ValueError, AttributeError):  # ds_config says what is wrong with it, when the run starts
             zero = {}
+    return _buffers(zero)
+
+
+def _buffers(zero: dict) -> tuple[int, int]:
     return (int(float(zero.get("reduce_bucket_size", REDUCE_BUCKET))),
             int(float(zero.get("stage3_max_live_parameters", MAX_LIVE))))
 
@@ -177,7 +181,7 @@ def memory_settings() -> tuple[int, int]:
 def describe(config: dict) -> str:
     """One line: the DeepSpeed settings this run trains with (offload, buckets), as distill made them."""
     zero = config["zero_optimization"]
-    bucket, live = memory_settings()
+    bucket, live = _buffers(zero)
     where = {k: (zero.get(f"offload_{k}") or {}).get("device", "none") for k in ("optimizer", "param")}
     return (f"DeepSpeed ZeRO-3: offload optimizer {where['optimizer']}, offload parameters {where['param']}, "
             f"reduce_bucket_size {bucket:.3g}, stage3_max_live_parameters {live:.3g}, "
