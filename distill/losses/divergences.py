@@ -12,9 +12,16 @@ sides contributes 0 (never NaN); a token only the teacher bans makes ``reverse_k
 value of KL(q‖p) there), never NaN. The math follows LOSSES.md; nothing here reduces over
 positions or masks labels: that is ``objective.kd_loss``.
 
-Adding a divergence: write the function, decorate it with ``@register_divergence("name")``, and
-add one row to the shared table in ``tests/reference.py``. Its keyword-only parameters other than
-``temperature`` are what a config may set for it (``divergence_params``).
+Every divergence here is a sum over the vocabulary of terms that depend on (log q_v, log p_v) only.
+Each is written once, as its ``*_sum`` form on normalized log-probabilities; the registered function
+normalizes the logits and calls it. ``divergence_sum(name)`` hands the same form to the
+vocabulary-parallel loss, which normalizes over the whole vocabulary across processes and sums each
+process's slice of the terms (``distill.losses.vocab_parallel``).
+
+Adding a divergence: write its ``*_sum`` form and the function, decorate the function with
+``@register_divergence("name", sum_form)``, and add one row to the shared table in
+``tests/reference.py``. Its keyword-only parameters other than ``temperature`` are what a config may
+set for it (``divergence_params``).
 """
 
 from __future__ import annotations
@@ -31,15 +38,18 @@ from torch import Tensor
 Divergence = Callable[..., Tensor]
 
 DIVERGENCES: dict[str, Divergence] = {}
+SUMS: dict[str, Callable[..., Tensor]] = {}
 
 
-def register_divergence(name: str) -> Callable[[Divergence], Divergence]:
-    """Decorator: make ``fn`` selectable by ``name`` (in configs, ``kd_loss``, ``chunked_kd_loss``)."""
+def register_divergence(name: str, sum_form: Callable[..., Tensor]) -> Callable[[Divergence], Divergence]:
+    """Decorator: make ``fn`` selectable by ``name`` (in configs, ``kd_loss``, ``chunked_kd_loss``);
+    ``sum_form(log_q, log_p, **params)`` is its sum over the last dim from normalized log-probabilities."""
 
     def register(fn: Divergence) -> Divergence:
         if name in DIVERGENCES:
             raise ValueError(f"divergence {name!r} is already registered")
         DIVERGENCES[name] = fn
+        SUMS[name] = sum_form
         return fn
 
     return register
@@ -52,6 +62,14 @@ def get_divergence(name: str) -> Divergence:
     close = difflib.get_close_matches(name, DIVERGENCES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(sorted(DIVERGENCES))}.{hint}")
+
+
+def divergence_sum(name: str) -> Callable[..., Tensor]:
+    """``sum_form(log_q, log_p, **params) -> (...)`` of divergence ``name``: Σ over the last dim of its
+    terms, from student and teacher log-probabilities already normalized (over the whole vocabulary,
+    also when the last dim is one slice of it)."""
+    get_divergence(name)  # the same error for an unknown name
+    return SUMS[name]
 
 
 def divergence_params(name: str) -> set[str]:
@@ -110,11 +128,58 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Divergences
+# Divergences: the sum forms (log-probabilities in), then the registered functions (logits in)
 # ---------------------------------------------------------------------------------------------
 
 
-@register_divergence("forward_kl")
+def forward_kl_sum(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """Σ p (log p − log q) over the last dim."""
+    return _kl(log_p, log_q)
+
+
+def reverse_kl_sum(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """Σ q (log q − log p) over the last dim."""
+    return _kl(log_q, log_p)
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"jsd needs 0 < beta < 1, got beta={beta}. jsd tends to 0 at both ends; it does not become a KL "
+            "there. For KL(p‖q) use divergence 'forward_kl', for KL(q‖p) use 'reverse_kl'."
+        )
+
+
+def jsd_sum(log_q: Tensor, log_p: Tensor, *, beta: float = 0.5) -> Tensor:
+    """Σ over the last dim of β·p (log p − log m) + (1−β)·q (log q − log m), m = β·p + (1−β)·q."""
+    _check_beta(beta)
+    log_m = _log_mix(log_p, log_q, beta)  # (..., V)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+def _check_skew(alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew divergences need 0 <= alpha < 1, got alpha={alpha}")
+
+
+def skew_kl_sum(log_q: Tensor, log_p: Tensor, *, alpha: float = 0.1) -> Tensor:
+    """Σ p (log p − log(α·p + (1−α)·q)) over the last dim."""
+    _check_skew(alpha)
+    return _kl(log_p, _log_mix(log_p, log_q, alpha))
+
+
+def skew_reverse_kl_sum(log_q: Tensor, log_p: Tensor, *, alpha: float = 0.1) -> Tensor:
+    """Σ q (log q − log(α·q + (1−α)·p)) over the last dim."""
+    _check_skew(alpha)
+    return _kl(log_q, _log_mix(log_q, log_p, alpha))
+
+
+def tvd_sum(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """½ Σ |p − q| over the last dim."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+@register_divergence("forward_kl", forward_kl_sum)
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(p‖q) = Σ p (log p − log q): mode-covering (Hinton et al. 2015).
 
@@ -124,11 +189,10 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    return _kl(log_p, log_q)
+    return forward_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature))
 
 
-@register_divergence("reverse_kl")
+@register_divergence("reverse_kl", reverse_kl_sum)
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(q‖p) = Σ q (log q − log p): mode-seeking (MiniLLM, Gu et al. 2023).
 
@@ -138,11 +202,10 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    return _kl(log_q, log_p)
+    return reverse_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature))
 
 
-@register_divergence("jsd")
+@register_divergence("jsd", jsd_sum)
 def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     """Generalized Jensen-Shannon: β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (GKD, Agarwal et al. 2023).
 
@@ -153,22 +216,11 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    if not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"jsd needs 0 < beta < 1, got beta={beta}. jsd tends to 0 at both ends; it does not become a KL "
-            "there. For KL(p‖q) use divergence 'forward_kl', for KL(q‖p) use 'reverse_kl'."
-        )
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    log_m = _log_mix(log_p, log_q, beta)  # (..., V)
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    _check_beta(beta)  # before the logits are touched
+    return jsd_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), beta=beta)
 
 
-def _check_skew(alpha: float) -> None:
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"skew divergences need 0 <= alpha < 1, got alpha={alpha}")
-
-
-@register_divergence("skew_kl")
+@register_divergence("skew_kl", skew_kl_sum)
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
     """Skew KL: KL(p ‖ α·p + (1−α)·q), 0 ≤ α < 1 (DistiLLM, Ko et al. 2024). α = 0 is forward_kl.
 
@@ -177,11 +229,10 @@ def skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         returns: (...), float32
     """
     _check_skew(alpha)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    return _kl(log_p, _log_mix(log_p, log_q, alpha))
+    return skew_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), alpha=alpha)
 
 
-@register_divergence("skew_reverse_kl")
+@register_divergence("skew_reverse_kl", skew_reverse_kl_sum)
 def skew_reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, alpha: float = 0.1
 ) -> Tensor:
@@ -192,11 +243,10 @@ def skew_reverse_kl(
         returns: (...), float32
     """
     _check_skew(alpha)
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    return _kl(log_q, _log_mix(log_q, log_p, alpha))
+    return skew_reverse_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), alpha=alpha)
 
 
-@register_divergence("tvd")
+@register_divergence("tvd", tvd_sum)
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Total variation distance ½ Σ |p − q|: bounded in [0, 1], symmetric.
 
@@ -204,8 +254,7 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    log_q, log_p = _log_probs_pair(student_logits, teacher_logits, temperature)
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return tvd_sum(*_log_probs_pair(student_logits, teacher_logits, temperature))
 
 
 # ---------------------------------------------------------------------------------------------
