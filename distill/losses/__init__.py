@@ -1,9 +1,12 @@
 """Distillation losses: pure tensor functions, no config, no models (see LOSSES.md).
 
 - ``divergences``: per-position divergences (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl,
-  tvd), hard-label cross_entropy, and the registry that maps names to them.
+  tvd), each also as a sum over the vocabulary from log-probabilities (``divergence_sum``),
+  hard-label cross_entropy, and the registry that maps names to them.
 - ``objective``: ``kd_loss``, the weighted sum over supervised positions (sums and a count).
 - ``chunked``: ``chunked_kd_loss``, the same objective fused with the LM head, chunked over tokens.
+- ``vocab_parallel``: ``vocab_parallel_kd_loss``, the chunked objective with each process holding one
+  vocabulary slice of both heads (imported as ``distill.losses.vocab_parallel``).
 - ``sparse``: forward KL against top-k / sampled teacher targets (``sparse_forward_kl``,
   ``sparse_kd_loss``, ``SparseTargets``, ``topk_targets``, ``sampled_targets``).
 - ``vocab``: slicing padded vocabularies, checking that two tokenizers agree.
@@ -17,6 +20,7 @@ from distill.losses.divergences import (
     DIVERGENCES,
     cross_entropy,
     divergence_params,
+    divergence_sum,
     forward_kl,
     get_divergence,
     jsd,
@@ -54,6 +58,7 @@ __all__ = [
     "chunked_kd_loss",
     "cross_entropy",
     "divergence_params",
+    "divergence_sum",
     "forward_kl",
     "get_divergence",
     "jsd",

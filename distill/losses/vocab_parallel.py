@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as differentiable
 from torch import Tensor
 
 from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices
@@ -39,6 +38,24 @@ def vocab_slice(vocab_size: int, rank: int, world: int) -> slice:
     processes fewer or none."""
     per = -(-vocab_size // world)
     return slice(min(rank * per, vocab_size), min((rank + 1) * per, vocab_size))
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """Σ over the processes of ``x``; backward sums the incoming gradients over the processes (right for
+    a quantity every process goes on to use: each adds the gradient of its own use of it)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _Group:
@@ -61,11 +78,7 @@ class _Group:
         return x
 
     def sum_differentiable(self, x: Tensor) -> Tensor:
-        """Σ over processes of ``x``, whose backward sums the incoming gradients over processes (right for
-        a quantity every process goes on to use: each adds its own use of it)."""
-        if not self.on:
-            return x
-        return differentiable.all_reduce(x, group=self.group)
+        return _SumOverProcesses.apply(x, self.group) if self.on else x
 
     def gather_rows(self, x: Tensor, rows: int, fill: float | int = 0) -> Tensor:
         """(n, ...) on each process -> (size × rows, ...), process r's rows at [r·rows, r·rows + n)."""
