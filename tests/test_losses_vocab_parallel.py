@@ -86,6 +86,16 @@ def test_bad_arguments_are_refused():
         vocab_parallel_kd_loss(t["student_hidden"], t["student_weight"], t["labels"], vocab_size=V)
 
 
+def test_a_second_backward_is_an_error_not_twice_the_gradient():
+    t = tensors(5)
+    hidden = t["student_hidden"].requires_grad_()
+    parts = vocab_parallel_kd_loss(hidden, t["student_weight"], t["labels"], vocab_size=V,
+                                   teacher_hidden=t["teacher_hidden"], teacher_weight=t["teacher_weight"])
+    parts.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once per forward"):
+        parts.loss.backward()
+
+
 # --- two processes ----------------------------------------------------------------------------
 
 # Each process's tokens (37 in all): unequal counts, and in one setting a process with none at all.

@@ -143,12 +143,16 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        if ctx.grads is None:
-            raise RuntimeError("chunked_kd_loss: backward runs once per forward (retain_graph is not supported)")
-        # Scaled in place and handed over (no second copy of the head-sized gradient).
-        grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_loss) for g in grads]
-        return (*scaled, None, None, None, None, None, None)
+        return (*stored_grads_scaled(ctx, grad_loss, "chunked_kd_loss"), None, None, None, None, None, None)
+
+
+def stored_grads_scaled(ctx, grad_loss: Tensor, name: str) -> list:
+    """The gradients a loss's forward computed (``ctx.grads``), scaled in place by ``grad_loss`` and handed
+    over (no second copy of the head-sized gradient); a second backward is an error."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{name}: backward runs once per forward (retain_graph is not supported)")
+    grads, ctx.grads = ctx.grads, None
+    return [None if g is None else g.mul_(grad_loss) for g in grads]
 
 
 def chunked_kd_loss(

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices
+from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices, stored_grads_scaled
 from distill.losses.divergences import divergence_sum
 from distill.losses.objective import LossParts, tau2_scale
 
@@ -208,11 +208,8 @@ class _VocabParallelKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        if ctx.grads is None:
-            raise RuntimeError("vocab_parallel_kd_loss: backward runs once per forward (retain_graph is not supported)")
-        grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_loss) for g in grads]
-        return (*scaled, None, None, None, None, None, None, None, None)
+        return (*stored_grads_scaled(ctx, grad_loss, "vocab_parallel_kd_loss"), None, None, None, None, None, None,
+                None, None)
 
 
 def vocab_parallel_kd_loss(
