@@ -11,8 +11,9 @@ FSDP2 master weights) and of the teacher's (bfloat16), and its own N tokens' las
 
 Per process it prints the step time (median after a warm-up), the peak of live tensor bytes during
 the step above what the process holds before it (the profiler's every allocation and free), the
-bytes it holds of the two heads between steps, and the bytes it sends and receives (from the
-collectives' sizes). Both cases' losses and gradients are compared, so the table is of one objective.
+bytes it holds of the two heads between steps, and the bytes moved per step: what it receives
+by the gathers plus what it sends by the reduce-scatters, from their sizes (the per-shard loss's
+all-reduces, a few floats per row and chunk, are left out). Both cases' losses and gradients are compared, so the table is of one objective.
 
     python benchmarks/vocab_parallel_loss.py [--processes 2] [--tokens 2048] [--vocab 128256] ...
 """

@@ -142,17 +142,13 @@ def reverse_kl_sum(log_q: Tensor, log_p: Tensor) -> Tensor:
     return _kl(log_q, log_p)
 
 
-def _check_beta(beta: float) -> None:
+def jsd_sum(log_q: Tensor, log_p: Tensor, *, beta: float = 0.5) -> Tensor:
+    """Σ over the last dim of β·p (log p − log m) + (1−β)·q (log q − log m), m = β·p + (1−β)·q."""
     if not 0.0 < beta < 1.0:
         raise ValueError(
             f"jsd needs 0 < beta < 1, got beta={beta}. jsd tends to 0 at both ends; it does not become a KL "
             "there. For KL(p‖q) use divergence 'forward_kl', for KL(q‖p) use 'reverse_kl'."
         )
-
-
-def jsd_sum(log_q: Tensor, log_p: Tensor, *, beta: float = 0.5) -> Tensor:
-    """Σ over the last dim of β·p (log p − log m) + (1−β)·q (log q − log m), m = β·p + (1−β)·q."""
-    _check_beta(beta)
     log_m = _log_mix(log_p, log_q, beta)  # (..., V)
     return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
@@ -216,7 +212,6 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    _check_beta(beta)  # before the logits are touched
     return jsd_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), beta=beta)
 
 
@@ -228,7 +223,6 @@ def skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    _check_skew(alpha)
     return skew_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), alpha=alpha)
 
 
@@ -242,7 +236,6 @@ def skew_reverse_kl(
         student_logits, teacher_logits: (..., V), any float dtype
         returns: (...), float32
     """
-    _check_skew(alpha)
     return skew_reverse_kl_sum(*_log_probs_pair(student_logits, teacher_logits, temperature), alpha=alpha)
 
 

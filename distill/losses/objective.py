@@ -111,10 +111,18 @@ def combine(
         with torch.set_grad_enabled(grad_on and kd_weight != 0):
             kd = torch.where(mask, divergence_of(student_logits), 0.0).sum()
 
-    # Weight-0 terms are left out rather than multiplied by 0, so an inf there cannot make a NaN.
-    loss = zero
+    loss = weighted(kd, ce, kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature,
+                    scale_by_tau2=scale_by_tau2)
+    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), num_supervised=mask.sum())
+
+
+def weighted(kd: Tensor, ce: Tensor, *, kd_weight: float, ce_weight: float, temperature: float,
+             scale_by_tau2: bool) -> Tensor:
+    """kd_weight · s(τ) · kd + ce_weight · ce. Weight-0 terms are left out rather than multiplied by 0,
+    so an inf there cannot make a NaN (a float32 zero when both are)."""
+    loss = kd.new_zeros((), dtype=torch.float32)
     if kd_weight != 0:
         loss = loss + kd_weight * tau2_scale(temperature, scale_by_tau2) * kd
     if ce_weight != 0:
         loss = loss + ce_weight * ce
-    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), num_supervised=mask.sum())
+    return loss

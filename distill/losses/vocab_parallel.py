@@ -28,7 +28,7 @@ from torch import Tensor
 
 from distill.losses.chunked import DEFAULT_CHUNK_SIZE, chunk_slices, stored_grads_scaled
 from distill.losses.divergences import divergence_sum
-from distill.losses.objective import LossParts, tau2_scale
+from distill.losses.objective import LossParts, weighted
 
 
 def vocab_slice(vocab_size: int, rank: int, world: int) -> slice:
@@ -152,11 +152,7 @@ def _chunk_step(
             with torch.set_grad_enabled(kd_grad):
                 log_q = log_q1 if temperature == 1.0 else _log_softmax(logits, temperature, group)  # (C, V_r)
                 kd = torch.where(mask, settings["terms"](log_q, log_p, **settings["params"]), 0.0)  # (C,)
-        loss = zero.sum()
-        if kd_weight != 0:
-            loss = loss + kd_weight * tau2_scale(temperature, settings["scale_by_tau2"]) * kd.sum()
-        if ce_weight != 0:
-            loss = loss + ce_weight * ce.sum()
+        loss = weighted(kd.sum(), ce.sum(), **settings["weights"])
     if grad_on and loss.requires_grad:  # every process takes this branch: its backward all-reduces
         (grad_logits,) = torch.autograd.grad(loss, logits)  # (C, V_r)
         if grad_hidden is not None:
@@ -192,11 +188,7 @@ class _VocabParallelKD(torch.autograd.Function):
         mine = slice(group.rank * rows, group.rank * rows + n)
         kd, ce = group.sum_(torch.cat(per_row, dim=1))[:, mine].sum(1).unbind()  # this process's rows, whole vocabulary
         kd, ce = kd.clone(), ce.clone()
-        loss = kd.new_zeros(())
-        if settings["kd_weight"] != 0:
-            loss = loss + settings["kd_weight"] * tau2_scale(settings["temperature"], settings["scale_by_tau2"]) * kd
-        if settings["ce_weight"] != 0:
-            loss = loss + settings["ce_weight"] * ce
+        loss = weighted(kd, ce, **settings["weights"])
         num_supervised = (labels != settings["ignore_index"]).sum()
         grad_hidden, grad_weight = grads
         ctx.grads = [
@@ -272,8 +264,8 @@ def vocab_parallel_kd_loss(
                          f"of the {vocab_size}-token vocabulary; got head slices of {widths} rows")
     device_type = student_hidden.device.type
     matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else student_weight.dtype
-    settings = dict(terms=terms, params=divergence_kwargs, temperature=temperature, scale_by_tau2=scale_by_tau2,
-                    kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index)
+    weights = dict(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, scale_by_tau2=scale_by_tau2)
+    settings = dict(terms=terms, params=divergence_kwargs, weights=weights, ignore_index=ignore_index, **weights)
     loss, kd, ce, num_supervised = _VocabParallelKD.apply(
         student_hidden, student_weight, labels, teacher_hidden, teacher_weight, vocab, processes, matmul_dtype,
         chunk_size, settings,
