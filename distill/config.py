@@ -89,6 +89,7 @@ class LossConfig:
     kd_weight: float = 1.0  # 0: plain supervised training (no teacher forward in training)
     ce_weight: float = 0.0
     chunk_size: int = 256  # tokens per chunk of the fused LM-head loss (see BENCHMARKS.md); 0 = dense logits
+    compile: bool = False  # chunked loss: each chunk's objective under torch.compile (compiles in the first steps)
     sparse_mode: Optional[Literal["tail", "renormalized"]] = None  # teacher.source=cache only (default tail)
     discount: Optional[float] = None  # sampled_reverse_kl only: 0 (default) single-step, up to 1: the rest of the completion
     cross_tokenizer: Optional[CrossTokenizerConfig] = None  # a teacher with another tokenizer (aligned by bytes)
@@ -449,6 +450,8 @@ def validate(c: Config) -> None:
     if c.task in ("classification", "embedding"):
         validate_classification(c)
     _check(loss.chunk_size >= 0, "loss.chunk_size must be >= 0 (0 = dense)")
+    _check(not (loss.compile and loss.chunk_size == 0), "loss.compile compiles the chunked loss: it needs "
+           "loss.chunk_size > 0")
     sampled = loss.divergence == "sampled_reverse_kl"
     if loss.discount is not None:
         _check(sampled, f"loss.discount applies only to sampled_reverse_kl, not to {loss.divergence}")

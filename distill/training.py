@@ -179,6 +179,7 @@ class LossSettings:
     ce_weight: float
     chunk_size: int  # 0: dense
     vocab_size: int
+    compile: bool = False  # the chunked loss's per-chunk objective under torch.compile
     sparse_mode: str = "tail"  # teacher targets from a cache: tail bucket or renormalized
     discount: float = 0.0  # sampled_reverse_kl: discount of the advantage over the rest of the completion
     cross: Optional[dict] = None  # a teacher with another tokenizer: exact_weight, uld_weight, uld_tokens
@@ -266,7 +267,7 @@ def _objective(forward, head: nn.Module, signal: Optional[TeacherSignal], mask: 
         if signal is not None and signal.targets is not None:
             teacher_args["sparse_mode"] = s.sparse_mode
         return chunked_kd_loss(hidden, head.weight, tokens, student_bias=head.bias, vocab_size=s.vocab_size,
-                               chunk_size=s.chunk_size, **teacher_args, **common)
+                               chunk_size=s.chunk_size, compiled=s.compile, **teacher_args, **common)
     # Dense: full logits, but the loss only on the supervised rows (no work on prompts or padding).
     logits = slice_vocab(forward(True)[:, :-1][mask], s.vocab_size)  # (N, V)
     if signal is not None and signal.targets is not None:
@@ -754,7 +755,8 @@ def train(config, overrides: Optional[list[str]] = None) -> dict:
         divergence=L.divergence,
         divergence_kwargs={k: v for k, v in (("beta", L.beta), ("alpha", L.alpha)) if v is not None},
         temperature=L.temperature, scale_by_tau2=L.scale_by_tau2, kd_weight=L.kd_weight, ce_weight=L.ce_weight,
-        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, sparse_mode=L.sparse_mode or "tail",
+        chunk_size=L.chunk_size if chunked else 0, vocab_size=vocab_size, compile=L.compile and chunked,
+        sparse_mode=L.sparse_mode or "tail",
         discount=L.discount or 0.0,
         cross=None if cross is None else dict(
             exact_weight=cross.exact_weight, uld_weight=cross.uld_weight, uld_tokens=cross.uld_tokens,

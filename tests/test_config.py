@@ -53,6 +53,7 @@ def test_int_is_accepted_as_float_but_not_the_reverse():
     (["loss.beta=0.5"], r"loss.beta applies only to jsd, not to forward_kl"),
     (["loss.divergence=skew_kl", "loss.alpha=1.0"], r"alpha must be in \[0, 1\)"),
     (["loss.temperature=0"], r"temperature must be > 0"),
+    (["loss.compile=true", "loss.chunk_size=0"], r"loss.compile compiles the chunked loss: it needs loss.chunk_size > 0"),
     (["loss.kd_weight=0", "loss.ce_weight=0"], r"nothing to train"),
     (["teacher.model=null"], r"teacher.model is required when loss.kd_weight > 0"),
     (["student.config={model_type: llama}"], r"exactly one of student.model"),

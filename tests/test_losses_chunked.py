@@ -183,3 +183,34 @@ def test_bfloat16_autocast(case):
         got = values_and_grads(parts, params)
     assert parts.loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in got[1])
     assert_same(got, values_and_grads(dense(t, **settings), params), rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=[CASE_IDS[0], CASE_IDS[2], CASE_IDS[6]])
+def test_compiled_equals_eager(case):
+    """compiled=True (each chunk's objective and gradient under torch.compile) == the eager path, values and
+    gradients, with a shorter last chunk (a second compiled shape) and a fully masked first chunk."""
+    t = tensors(37)
+    params = student_params(t)
+    settings = dict(divergence=case.name, **SETTINGS, **case.params)
+    calls = chunked_module._compiled_objective.cache_info()
+    got = values_and_grads(chunked(t, chunk_size=10, compiled=True, **settings), params, scale=1 / 29)
+    after = chunked_module._compiled_objective.cache_info()
+    assert after.hits + after.misses - calls.hits - calls.misses == 4  # every chunk went the compiled way
+    want = values_and_grads(dense(t, **settings), params, scale=1 / 29)
+    assert_same(got, want)
+
+
+def test_compiled_without_teacher_and_with_teacher_logits():
+    """The compiled path with CE alone (no teacher at all) and with the teacher given as logits."""
+    t = tensors(37)
+    params = student_params(t)
+    ce_only = dict(kd_weight=0.0, ce_weight=1.0)
+    got = values_and_grads(chunked_kd_loss(t["student_hidden"], t["student_weight"], t["labels"],
+                                           student_bias=t["student_bias"], chunk_size=10, compiled=True, **ce_only),
+                           params)
+    student_logits = t["student_hidden"] @ t["student_weight"].T + t["student_bias"]  # (N, V)
+    want = values_and_grads(kd_loss(student_logits, None, t["labels"], **ce_only), params)
+    assert_same(got, want)
+    got = values_and_grads(chunked(t, "logits", chunk_size=10, compiled=True, **SETTINGS), params)
+    want = values_and_grads(dense(t, **SETTINGS), params)
+    assert_same(got, want)

@@ -183,6 +183,23 @@ def test_resume_refuses_a_changed_config(workspace, tmp_path):
     assert result.returncode == 2 and "different config (loss.divergence changed)" in result.stderr
 
 
+def test_compiled_loss_trains_like_the_eager_one(workspace, tmp_path):
+    """loss.compile: the same parameters as the eager chunked loss, over micro-batches whose supervised row counts
+    differ (last chunks of several sizes: the compiled objective's shapes change from step to step)."""
+    runs = []
+    for compiled in (False, True):
+        kernels = tmp_path / f"inductor{compiled}"  # where torch.compile writes what it generates
+        result, run = train_cli(tmp_path, workspace, f"compiled{compiled}", data=_pc(workspace),
+                                env={"TORCHINDUCTOR_CACHE_DIR": str(kernels)},
+                                loss={"chunk_size": 7, "divergence": "jsd", "temperature": 2.0, "ce_weight": 0.2,
+                                      "compile": compiled},
+                                train={"max_steps": 4, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": 0.0})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert any(kernels.rglob("*.py")) == compiled  # the compiled run generated kernels, the eager one none
+        runs.append(run)
+    assert_same_params(params(runs[0]), params(runs[1]), atol=2e-6)
+
+
 @pytest.mark.parametrize("case", ["mismatched_tokenizer", "missing_data", "empty_data", "missing_teacher",
                                   "too_little_data"])
 def test_user_errors_are_one_line_and_exit_2(workspace, tmp_path, case):

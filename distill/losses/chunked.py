@@ -12,6 +12,7 @@ the incoming gradient.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,23 @@ def _add_matmul_(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.add_(a @ b)
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_objective(loss_items: tuple):
+    """``(logits, teacher_logits, labels) -> (d loss / d logits, (loss, kd, ce, num_supervised))`` for
+    ``kd_loss`` with these keyword arguments, under ``torch.compile``: the log-softmaxes, the
+    divergence, the CE and their backward become a few fused kernels over the (C, V) chunk instead of
+    one pass (and one (C, V) temporary) per operation. One compiled function per set of arguments."""
+    kwargs = dict(loss_items)
+
+    def objective(logits: Tensor, teacher_logits: Tensor | None, labels: Tensor):
+        parts = kd_loss(logits, teacher_logits, labels, **kwargs)
+        return parts.loss, (parts.kd, parts.ce, parts.num_supervised)
+
+    # Default dynamic-shape policy: full chunks and the first shorter last chunk compile static; a second
+    # last-chunk size recompiles once with the row count symbolic, and every later size reuses that.
+    return torch.compile(torch.func.grad_and_value(objective, has_aux=True))
+
+
 def _chunk_step(
     rows: slice,
     hidden: Tensor,
@@ -81,6 +99,7 @@ def _chunk_step(
     labels: Tensor,
     grads: tuple[Tensor | None, Tensor | None, Tensor | None],
     loss_kwargs: dict[str, Any],
+    compiled: bool = False,
 ) -> LossParts:
     """Objective of one chunk of rows; adds its gradients into ``grads`` (hidden, weight, bias).
 
@@ -89,15 +108,22 @@ def _chunk_step(
     vocab = weight.shape[0]
     chunk_hidden = hidden[rows].to(weight.dtype)  # (C, d)
     teacher_logits = teacher.logits_for(rows)  # (C, V) or None
-    logits = _linear(chunk_hidden, weight, bias).requires_grad_()  # (C, V), a leaf of its own graph
-    with torch.enable_grad():
-        if teacher.sparse is not None:
-            parts = sparse_kd_loss(logits, teacher.sparse[rows], labels[rows], **loss_kwargs)
-        else:
-            parts = kd_loss(logits, teacher_logits, labels[rows], **loss_kwargs)
-    if not parts.loss.requires_grad:  # both weights 0: nothing to differentiate
-        return parts
-    (grad_logits,) = torch.autograd.grad(parts.loss, logits)  # (C, V)
+    logits = _linear(chunk_hidden, weight, bias)  # (C, V)
+    trainable = loss_kwargs["kd_weight"] != 0 or loss_kwargs["ce_weight"] != 0
+    if compiled and teacher.sparse is None and trainable:
+        objective = _compiled_objective(tuple(sorted(loss_kwargs.items())))
+        grad_logits, (loss, (kd, ce, num_supervised)) = objective(logits, teacher_logits, labels[rows])  # (C, V), ...
+        parts = LossParts(loss, kd, ce, num_supervised)
+    else:
+        logits.requires_grad_()  # a leaf of its own graph
+        with torch.enable_grad():
+            if teacher.sparse is not None:
+                parts = sparse_kd_loss(logits, teacher.sparse[rows], labels[rows], **loss_kwargs)
+            else:
+                parts = kd_loss(logits, teacher_logits, labels[rows], **loss_kwargs)
+        if not parts.loss.requires_grad:  # both weights 0: nothing to differentiate
+            return parts
+        (grad_logits,) = torch.autograd.grad(parts.loss, logits)  # (C, V)
     if grad_hidden is not None:
         grad_hidden[rows] = grad_logits @ weight  # (C, d)
     if grad_weight is not None:
@@ -113,7 +139,7 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, student_hidden, student_weight, student_bias, labels, teacher, vocab_size, matmul_dtype, chunk_size,
-        loss_kwargs,
+        loss_kwargs, compiled,
     ):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         # Gradients accumulate in float32 at the inputs' full shapes; rows past vocab_size stay 0.
@@ -130,7 +156,7 @@ class _ChunkedKD(torch.autograd.Function):
         num_supervised = torch.zeros((), dtype=torch.int64, device=device)
         with torch.autocast(device.type, enabled=False):  # matmul dtype is explicit; loss math is float32
             for rows in chunk_slices(student_hidden.shape[0], chunk_size):
-                parts = _chunk_step(rows, student_hidden, weight, bias, teacher, labels, grads, loss_kwargs)
+                parts = _chunk_step(rows, student_hidden, weight, bias, teacher, labels, grads, loss_kwargs, compiled)
                 loss += parts.loss
                 kd += parts.kd
                 ce += parts.ce
@@ -143,7 +169,7 @@ class _ChunkedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        return (*stored_grads_scaled(ctx, grad_loss, "chunked_kd_loss"), None, None, None, None, None, None)
+        return (*stored_grads_scaled(ctx, grad_loss, "chunked_kd_loss"), None, None, None, None, None, None, None)
 
 
 def stored_grads_scaled(ctx, grad_loss: Tensor, name: str) -> list:
@@ -175,6 +201,7 @@ def chunked_kd_loss(
     vocab_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = -100,
+    compiled: bool = False,
     **divergence_kwargs: float,
 ) -> LossParts:
     """``kd_loss`` on ``student_hidden @ student_weight.T (+ student_bias)``, one chunk of rows at a time.
@@ -187,7 +214,9 @@ def chunked_kd_loss(
     KL (``divergence`` must be ``forward_kl``) in ``sparse_mode`` (see ``sparse_kd_loss``).
     ``vocab_size`` is the real shared vocabulary: columns past it (LM-head padding) are dropped on
     both sides (default: the narrower of the two heads). Under ``torch.autocast`` the matmuls run in
-    the autocast dtype and the loss math in float32. ``loss`` carries the gradient (``.backward()`` once, like any loss);
+    the autocast dtype and the loss math in float32. ``compiled=True`` runs each chunk's objective and its
+    gradient under ``torch.compile`` (same values to float32 rounding; the first call compiles, once per
+    argument set and chunk shape; sparse targets stay eager). ``loss`` carries the gradient (``.backward()`` once, like any loss);
     ``kd``, ``ce`` and ``num_supervised`` are detached, for logging.
 
     Shapes:
@@ -250,6 +279,7 @@ def chunked_kd_loss(
     else:
         loss_kwargs.update(divergence=divergence, **divergence_kwargs)
     loss, kd, ce, num_supervised = _ChunkedKD.apply(
-        student_hidden, student_weight, student_bias, labels, teacher, vocab_size, matmul_dtype, chunk_size, loss_kwargs
+        student_hidden, student_weight, student_bias, labels, teacher, vocab_size, matmul_dtype, chunk_size,
+        loss_kwargs, compiled,
     )
     return LossParts(loss=loss, kd=kd, ce=ce, num_supervised=num_supervised)
