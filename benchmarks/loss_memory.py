@@ -6,7 +6,7 @@
 Each measurement runs in a fresh subprocess, so one case's allocations cannot hide in another's
 peak. The child builds the inputs (student hidden (N, d) and head (V, d), both requiring grad;
 teacher hidden (N, d) and head (V, d); labels (N,)), records its resident set size, runs one
-forward + backward, and reports getrusage's ru_maxrss (the process's peak RSS) minus that: the
+forward + backward, and reports its VmHWM (the process's peak RSS; benchmarks/procmem.py) minus that: the
 peak memory above the inputs, everything included (logits, loss temporaries, gradients, the
 allocator's and oneDNN's scratch). It then times `--repeats` further forward + backward passes
 and reports the median.
@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import psutil
 import torch
 
 from distill.losses import chunked_kd_loss, kd_loss
+from procmem import peak_rss_bytes  # benchmarks/procmem.py (the script's folder is on sys.path)
 
 
 def make_inputs(n: int, vocab: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     loss = step()
     first = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
