@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import time
 
 import torch
 
-from procmem import peak_rss_bytes, rss_bytes  # benchmarks/procmem.py (the script's folder is on sys.path)
+from host import cpu_name, peak_rss_bytes, rss_bytes  # benchmarks/host.py (the script's folder is on sys.path)
 
 CONTENDERS = ["dense", "distill-256", "distill-1024", "distill-256-compiled", "distill-1024-compiled", "liger",
               "liger-eager"]
@@ -142,7 +141,7 @@ def child(args) -> dict:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry the parent's RSS over (procmem.py)
+        peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry the parent's RSS over (host.py)
     return dict(method=args.method, median_s=statistics.median(times), times_s=times, peak=peak,
                 peak_above_inputs=peak - base, loss=loss.item(),
                 grad_input_norm=x["student_input"].grad.float().norm().item(),
@@ -184,12 +183,7 @@ def exactness(hard: float, soft: float, contenders: list[str]) -> dict:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     versions = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     try:
         from importlib.metadata import version

@@ -6,7 +6,7 @@
 Each measurement runs in a fresh subprocess, so one case's allocations cannot hide in another's
 peak. The child builds the inputs (student hidden (N, d) and head (V, d), both requiring grad;
 teacher hidden (N, d) and head (V, d); labels (N,)), records its resident set size, runs one
-forward + backward, and reports its VmHWM (the process's peak RSS; benchmarks/procmem.py) minus that: the
+forward + backward, and reports its VmHWM (the process's peak RSS; benchmarks/host.py) minus that: the
 peak memory above the inputs, everything included (logits, loss temporaries, gradients, the
 allocator's and oneDNN's scratch). It then times `--repeats` further forward + backward passes
 and reports the median.
@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import psutil
 import torch
 
 from distill.losses import chunked_kd_loss, kd_loss
-from procmem import peak_rss_bytes  # benchmarks/procmem.py (the script's folder is on sys.path)
+from host import cpu_name, peak_rss_bytes  # benchmarks/host.py (the script's folder is on sys.path)
 
 
 def make_inputs(n: int, vocab: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -109,12 +108,7 @@ def run_case(n, vocab, hidden, method, dtype, chunk_size, repeats) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU, "
             f"{datetime.date.today().isoformat()}")

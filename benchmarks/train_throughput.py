@@ -47,7 +47,7 @@ metrics.jsonl is reported next to it as a cross-check.
 
 Memory: `baseline` is the process's RSS after importing the contender's libraries (before any model
 or data is loaded); `peak` is the process's `VmHWM` at the end of the run (the lifetime peak RSS; until
-2026-12-07 this was `ru_maxrss`, which Linux floors at the parent's RSS at fork, see benchmarks/procmem.py); `peak - baseline` is what the run itself added: models, optimizer state,
+2026-12-07 this was `ru_maxrss`, which Linux floors at the parent's RSS at fork, see benchmarks/host.py); `peak - baseline` is what the run itself added: models, optimizer state,
 data, activations, logits and loss temporaries, allocator caches.
 """
 
@@ -68,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from procmem import peak_rss_bytes, rss_bytes  # benchmarks/procmem.py (the script's folder is on sys.path)
+from host import peak_rss_bytes, rss_bytes  # benchmarks/host.py (the script's folder is on sys.path)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -616,45 +616,37 @@ def contender_label(name: str, r: dict) -> str:
 
 def table(best: dict, precisions: list[str], flops_per_token: float | None = None,
           peak_flops: float | None = None) -> list[str]:
-    """The results as a Markdown table; ratios against the bare loop and TRL at the same precision.
+    """The results as a Markdown table; ratios against the bare loop on the same loss path and against TRL
+    (with Liger where it ran) at the same precision.
 
-    On a GPU (``peak_flops`` given) the memory columns are ``torch.cuda.max_memory_allocated`` and an MFU
-    column is added: tokens/s · ``flops_per_token`` / ``peak_flops``."""
-    if peak_flops:
-        lines = ["| precision | contender | tokens/s | MFU | s/step | ÷ bare | ÷ TRL | peak CUDA memory (MiB) | "
-                 "÷ TRL | loss, first → last window |",
-                 "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
-        order = sorted(best, key=lambda k: (precisions.index(k[0]), CONTENDERS.index(k[1])))
-        for precision, name in order:
-            r = best[(precision, name)]
-            bare = best.get((precision, BARE_OF[name]))
-            trl = best.get((precision, "trl-liger")) or best.get((precision, "trl"))
-            label = contender_label(name, r)
-            mfu = r["tokens_per_s"] * flops_per_token / peak_flops
-            speed_bare = f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}" if bare else "–"
-            speed_trl = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl else "–"
-            mem_trl = f"{r['cuda_peak'] / trl['cuda_peak']:.2f}" if trl else "–"
-            loss = f"{r['first_loss']:.4f} → {r['last_loss']:.4f}" if r.get("first_loss") is not None else "–"
-            lines.append(f"| {precision} | {label} | {r['tokens_per_s']:,.0f} | {mfu:.1%} | {r['s_per_step']:.3f} | "
-                         f"{speed_bare} | {speed_trl} | {mib(r['cuda_peak'])} | {mem_trl} | {loss} |")
-        return lines
-    lines = ["| precision | contender | tokens/s | s/step | ÷ bare | ÷ TRL | peak RSS (MiB) | "
-             "peak − imports (MiB) | ÷ TRL | loss, first → last window | CPU used by others |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
+    On a GPU (``peak_flops`` given) memory is ``torch.cuda.max_memory_allocated`` and an MFU column is added:
+    tokens/s · ``flops_per_token`` / ``peak_flops``; on the CPU memory is peak RSS, whole and above imports."""
+    gpu = bool(peak_flops)
+    head = (["precision", "contender", "tokens/s"] + ["MFU"] * gpu + ["s/step", "÷ bare", "÷ TRL"]
+            + (["peak CUDA memory (MiB)"] if gpu else ["peak RSS (MiB)", "peak − imports (MiB)"])
+            + ["÷ TRL", "loss, first → last window"] + ["CPU used by others"] * (not gpu))
+
+    def memory(r: dict) -> float:
+        return r["cuda_peak"] if gpu else r["peak_rss"] - r["baseline_rss"]
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in ("precision", "contender") or
+                                                          h.startswith("loss") else "--:" for h in head) + "|"]
     order = sorted(best, key=lambda k: (precisions.index(k[0]), CONTENDERS.index(k[1])))
     for precision, name in order:
         r = best[(precision, name)]
-        # distill against the bare loop on the same loss path (dense or chunked)
         bare = best.get((precision, BARE_OF[name]))
-        trl = best.get((precision, "trl"))
-        added = r["peak_rss"] - r["baseline_rss"]
-        label = contender_label(name, r)
-        speed_bare = f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}" if bare else "–"
-        speed_trl = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl else "–"
-        mem_trl = f"{added / (trl['peak_rss'] - trl['baseline_rss']):.2f}" if trl else "–"
-        loss = f"{r['first_loss']:.4f} → {r['last_loss']:.4f}" if r.get("first_loss") is not None else "–"
-        lines.append(f"| {precision} | {label} | {r['tokens_per_s']:.0f} | {r['s_per_step']:.3f} | {speed_bare} | "
-                     f"{speed_trl} | {mib(r['peak_rss'])} | {mib(added)} | {mem_trl} | {loss} | {r['cpu_others']:.0%} |")
+        trl = best.get((precision, "trl-liger")) or best.get((precision, "trl"))
+        cells = [precision, contender_label(name, r), f"{r['tokens_per_s']:,.0f}"]
+        if gpu:
+            cells.append(f"{r['tokens_per_s'] * flops_per_token / peak_flops:.1%}")
+        cells += [f"{r['s_per_step']:.3f}", f"{r['tokens_per_s'] / bare['tokens_per_s']:.2f}" if bare else "–",
+                  f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}" if trl else "–"]
+        cells += [mib(r["cuda_peak"])] if gpu else [mib(r["peak_rss"]), mib(memory(r))]
+        cells += [f"{memory(r) / memory(trl):.2f}" if trl else "–",
+                  f"{r['first_loss']:.4f} → {r['last_loss']:.4f}" if r.get("first_loss") is not None else "–"]
+        if not gpu:
+            cells.append(f"{r['cpu_others']:.0%}")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

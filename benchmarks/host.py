@@ -1,4 +1,5 @@
-"""This process's resident memory, for benchmarks that run each case in a fresh subprocess.
+"""The machine and this process, for the benchmarks' headers and for benchmarks that run each case in a
+fresh subprocess: the CPU's name, this process's resident memory.
 
 The peak is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this process's own address
 space, which starts afresh at ``exec``. ``getrusage(RUSAGE_SELF).ru_maxrss`` does not: Linux carries
@@ -7,6 +8,17 @@ holding 1.4 GiB reports at least 1.4 GiB whatever it used itself.
 """
 
 from __future__ import annotations
+
+import platform
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def _status_kib(field: str) -> int:
