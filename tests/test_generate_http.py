@@ -285,7 +285,9 @@ def test_llama_server_logprobs_are_the_teachers(llama_server, tmp_path):
     out = tmp_path / "out"
     assert m["counts"]["kept"] == 16 and m["teacher"]["kind"] == "http"
     lp = m["logprobs"]
-    assert lp["rows"] >= 12 and lp["cache"] == "cache"  # most samples' tokens are the tokenizer's own
+    # most samples' tokens are the tokenizer's own (a sampled token sequence that the tokenizer would split
+    # otherwise has no teacher row); how many depends on the CPU's float rounding: 12+ of 16 on one machine, 11 on another
+    assert lp["rows"] > m["counts"]["kept"] // 2 and lp["cache"] == "cache"
     # Same requests at concurrency 1: the same text, because each request carries its seed. Not always
     # byte for byte: llama-cpp-python reuses the KV cache of the previous request's common prefix, so
     # the order requests arrive in changes how a prompt is evaluated, hence float rounding, and a

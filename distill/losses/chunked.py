@@ -215,8 +215,8 @@ def chunked_kd_loss(
     ``vocab_size`` is the real shared vocabulary: columns past it (LM-head padding) are dropped on
     both sides (default: the narrower of the two heads). Under ``torch.autocast`` the matmuls run in
     the autocast dtype and the loss math in float32. ``compiled=True`` runs each chunk's objective and its
-    gradient under ``torch.compile`` (same values to float32 rounding; the first call compiles, once per
-    argument set and chunk shape; sparse targets stay eager). ``loss`` carries the gradient (``.backward()`` once, like any loss);
+    gradient under ``torch.compile`` (same values to float32 rounding; the first calls compile, once per
+    argument set and once more when a last chunk's size first differs; sparse targets stay eager). ``loss`` carries the gradient (``.backward()`` once, like any loss);
     ``kd``, ``ce`` and ``num_supervised`` are detached, for logging.
 
     Shapes:
