@@ -39,10 +39,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from host import cpu_name, peak_rss_bytes, rss_bytes  # benchmarks/host.py (the script's folder is on sys.path)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.reference
+from tests.reference import ref_jsd  # noqa: E402
 
 CONTENDERS = ["dense", "distill-256", "distill-1024", "distill-256-compiled", "distill-1024-compiled", "liger",
               "liger-eager"]
@@ -156,10 +160,7 @@ def exactness(hard: float, soft: float, contenders: list[str]) -> dict:
     ref_in = {k: (v.detach().clone().requires_grad_() if v.requires_grad else v) for k, v in x.items()}
     s = ref_in["student_input"] @ ref_in["student_weight"].T
     t = ref_in["teacher_input"] @ ref_in["teacher_weight"].T
-    log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
-    log_m = torch.logaddexp(log_p + torch.log(torch.tensor(0.5, dtype=torch.float64)),
-                            log_q + torch.log(torch.tensor(0.5, dtype=torch.float64)))
-    jsd = 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+    jsd = ref_jsd(s, t, beta=0.5)  # (N,): the tests' float64 reference, straight from LOSSES.md
     ref = soft * jsd.mean() + hard * F.cross_entropy(s, ref_in["labels"])
     ref.backward()
     out = {}
